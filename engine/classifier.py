@@ -1,0 +1,181 @@
+"""Files in, results out: decode, batched inference with Grad-CAM, pictures, result rows.
+
+    clf = Classifier(settings)                      # loads [model] path, picks the device
+    jobs = [Job(Path("a.jpg"), "a.jpg", "run1-000001")]
+    results = clf.process(jobs, out_dir=Path("outbox"))
+    ResultsCsv(out_dir / "results.csv", clf.meta.class_names).append(results)
+
+The three stages are public so a caller can overlap them (the bulk runner does):
+:meth:`Classifier.decode` (thread-safe, no TensorFlow), :meth:`Classifier.infer` (one batch on
+the device) and :meth:`Classifier.finish` (pictures + row, thread-safe). A bad file never
+raises out of :meth:`process`: it becomes an ``error`` result with a clear message.
+"""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from engine.config import Settings
+from engine.decode import DecodedImage, decode_image, read_file_bytes
+from engine.device import configure_device
+from engine.errors import ImageError
+from engine.modelio import LoadedModel, load_model
+from engine.render import attention_gray, heatmap, overlay, safe_stem, write_picture
+from engine.results import STATUS_ERROR, UNCERTAIN, Result
+
+log = logging.getLogger(__name__)
+
+PICTURES_DIR = "gradcam"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input file to classify."""
+
+    source: Path            # the file to read
+    display_path: str       # what the CSV's input_path shows
+    job_id: str             # unique id: part of picture names, recorded in the CSV
+    follow_symlinks: bool = False
+
+
+def picture_name(job: Job, kind: str, fmt: str) -> str:
+    """``IMG_0001.jpg`` + job ``r1-000007`` -> ``IMG_0001.r1-000007.overlay.jpg`` (never collides)."""
+    return f"{safe_stem(job.display_path)}.{safe_stem(job.job_id)}.{kind}.{fmt}"
+
+
+def decide(probs: np.ndarray, index: int, class_names: Sequence[str],
+           uncertain_below: float) -> tuple[str, float]:
+    """Label and confidence for one row; a confidence under the band gives ``uncertain``."""
+    confidence = float(probs[index])
+    label = class_names[index] if confidence >= uncertain_below else UNCERTAIN
+    return label, confidence
+
+
+class Classifier:
+    """A loaded model plus the settings that say how to run it and what to write."""
+
+    def __init__(self, settings: Settings, loaded: LoadedModel | None = None) -> None:
+        import tensorflow as tf
+
+        from engine.gradcam import GradCam
+
+        self.settings = settings
+        self.device = configure_device(settings.device)
+        with tf.device(self.device):
+            self.loaded = loaded or load_model(settings.model.path)
+            self.meta = self.loaded.meta
+            self.cam = GradCam(self.loaded.model, self.meta, settings.gradcam.target_layer)
+        self.outputs = settings.gradcam.active_outputs
+
+    # -- stage 1: decode (threads) --------------------------------------------------------
+    def decode(self, job: Job) -> DecodedImage:
+        """Read and decode ``job.source``; raises :class:`ImageError` with a clear message."""
+        d = self.settings.decode
+        data = read_file_bytes(job.source, max_bytes=d.max_file_bytes,
+                               follow_symlinks=job.follow_symlinks)
+        return decode_image(data, input_size=self.meta.input_size, max_pixels=d.max_image_pixels,
+                            preview_max_side=self.settings.gradcam.max_side if self.outputs else None,
+                            reduced_jpeg=d.reduced_jpeg)
+
+    def try_decode(self, job: Job) -> DecodedImage | ImageError:
+        try:
+            return self.decode(job)
+        except ImageError as exc:
+            return exc
+        except MemoryError:
+            return ImageError("not enough memory to decode this image")
+        except Exception as exc:  # a decoder bug on hostile input must not end the run
+            log.exception("unexpected error decoding %s", job.display_path)
+            return ImageError(f"unexpected decoder failure ({type(exc).__name__}: {exc})")
+
+    # -- stage 2: inference (device) ------------------------------------------------------
+    def infer(self, images: Sequence[DecodedImage]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities (N, C) and, when pictures are wanted, CAMs (N, h, w)."""
+        import tensorflow as tf
+
+        batch = np.stack([im.model_input for im in images]).astype(np.float32)
+        with tf.device(self.device):
+            if self.outputs:
+                return self.cam(batch)
+            return self.cam.probabilities(batch), None
+
+    # -- stage 3: pictures and the row (threads) ------------------------------------------
+    def finish(self, job: Job, image: DecodedImage, probs: np.ndarray, cam: np.ndarray | None,
+               out_dir: Path) -> Result:
+        index = int(self.meta.predicted_indices(probs[None, :])[0])
+        label, confidence = decide(probs, index, self.meta.class_names,
+                                   self.settings.inference.uncertain_below)
+        result = Result(
+            input_path=job.display_path, job_id=job.job_id, label=label, confidence=confidence,
+            probabilities={n: float(p) for n, p in zip(self.meta.class_names, probs)},
+            width=image.width, height=image.height, model_version=self.meta.version,
+            sha256=image.sha256,
+        )
+        if cam is not None and self.outputs:
+            try:
+                result.pictures = self._write_pictures(job, image, cam, label, confidence, out_dir)
+            except OSError as exc:
+                return self.error_result(job, f"prediction made but pictures could not be "
+                                              f"written to {out_dir}: {exc.strerror or exc}",
+                                         sha256=image.sha256)
+        return result
+
+    def _write_pictures(self, job: Job, image: DecodedImage, cam: np.ndarray, label: str,
+                        confidence: float, out_dir: Path) -> dict[str, str]:
+        g = self.settings.gradcam
+        folder = out_dir / PICTURES_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        base = image.preview if image.preview is not None else image.model_input
+        size = base.shape[:2]
+        caption = f"{label} {confidence:.1%}" if g.annotate else ""
+        makers = {
+            "gray": lambda: attention_gray(cam, size),
+            "heatmap": lambda: heatmap(cam, size, g.colormap),
+            "overlay": lambda: overlay(base, cam, alpha=g.overlay_alpha, colormap=g.colormap,
+                                       caption=caption),
+        }
+        written: dict[str, str] = {}
+        for kind in self.outputs:
+            name = picture_name(job, kind, g.format)
+            write_picture(folder / name, makers[kind](), g.format, g.jpeg_quality)
+            written[kind] = f"{PICTURES_DIR}/{name}"
+        return written
+
+    def error_result(self, job: Job, error: ImageError | str, sha256: str = "") -> Result:
+        message = str(error) or type(error).__name__
+        return Result(input_path=job.display_path, job_id=job.job_id, status=STATUS_ERROR,
+                      error=message, model_version=self.meta.version, sha256=sha256)
+
+    # -- all three, synchronously ---------------------------------------------------------
+    def process(self, jobs: Sequence[Job], out_dir: Path,
+                pool: Executor | None = None) -> list[Result]:
+        """Classify one batch; results come back in the order of ``jobs``.
+
+        ``pool`` (a thread pool) parallelises decoding and picture writing.
+        """
+        out_dir = Path(out_dir)
+        decoded = list(pool.map(self.try_decode, jobs)) if pool else [self.try_decode(j) for j in jobs]
+        results: list[Result | None] = [None] * len(jobs)
+        good = [i for i, d in enumerate(decoded) if isinstance(d, DecodedImage)]
+        for i, d in enumerate(decoded):
+            if not isinstance(d, DecodedImage):
+                results[i] = self.error_result(jobs[i], d)
+        batch = self.settings.inference.batch_size
+        for start in range(0, len(good), batch):
+            idx = good[start:start + batch]
+            probs, cams = self.infer([decoded[i] for i in idx])  # type: ignore[misc]
+
+            def finish(k: int, i: int) -> Result:
+                return self.finish(jobs[i], decoded[i], probs[k],  # type: ignore[arg-type]
+                                   None if cams is None else cams[k], out_dir)
+
+            finished = (list(pool.map(finish, range(len(idx)), idx)) if pool
+                        else [finish(k, i) for k, i in enumerate(idx)])
+            for i, r in zip(idx, finished):
+                results[i] = r
+        return [r for r in results if r is not None]

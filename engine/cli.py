@@ -1,0 +1,118 @@
+"""The ``pawcam`` command.
+
+    pawcam predict photos/ --out results/ --recursive
+    pawcam watch                   # from the watcher package
+    pawcam train --data DIR        # from the training package
+    pawcam --help
+
+The engine owns the entry point and the ``predict`` subcommand. Other packages add
+subcommands through the ``pawcam.commands`` entry-point group (see pyproject.toml): each entry
+point is a ``register(subparsers)`` function that adds a parser and sets
+``func=handler(args, settings) -> int`` on it. That keeps the engine free of imports of the
+packages built on it.
+
+Exit codes: 0 success; 1 some inputs failed (results still written); 2 usage or configuration
+error; 3 model could not be loaded; 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Callable, Sequence
+
+from engine import __version__
+from engine.config import Settings, load_settings
+from engine.errors import ConfigError, ModelLoadError, PawcamError
+
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1
+EXIT_USAGE = 2
+EXIT_MODEL = 3
+EXIT_INTERRUPTED = 130
+
+DEFAULT_CONFIG = Path("config.toml")
+log = logging.getLogger("pawcam")
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None, metavar="PATH",
+                        help="settings file (default: ./config.toml if present, else built-in "
+                             "defaults)")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="count", default=0,
+                           help="more log output (-vv for debug)")
+    verbosity.add_argument("-q", "--quiet", action="store_true",
+                           help="only warnings and errors")
+
+
+def common_options() -> argparse.ArgumentParser:
+    """Parent parser with --config/-v/-q, for subcommands added by other packages."""
+    parent = argparse.ArgumentParser(add_help=False)
+    _add_common(parent)
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pawcam",
+        description="Cat-vs-dog photo classifier with Grad-CAM explanations.",
+        epilog="Exit codes: 0 ok, 1 some inputs failed, 2 usage/config error, "
+               "3 model error, 130 interrupted.")
+    parser.add_argument("--version", action="version", version=f"pawcam {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    from engine.bulk_cli import register as register_predict
+
+    register_predict(subparsers, common_options())
+    for ep in sorted(entry_points(group="pawcam.commands"), key=lambda e: e.name):
+        try:
+            register = ep.load()
+        except Exception as exc:  # a broken plugin must not take `predict` down with it
+            logging.getLogger(__name__).warning("subcommand %r unavailable: %s", ep.name, exc)
+            continue
+        register(subparsers, common_options())
+    return parser
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.INFO if verbose < 2 else logging.DEBUG
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # TensorFlow's C++ start-up chatter is not for users; -vv shows it.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose >= 2 else "2")
+    if verbose < 2:
+        logging.getLogger("absl").setLevel(logging.ERROR)
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    try:
+        if args.config is None:
+            settings = load_settings(DEFAULT_CONFIG, required=False)
+        else:
+            settings = load_settings(args.config)
+        return int(args.func(args, settings))
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return EXIT_USAGE
+    except ModelLoadError as exc:
+        log.error("model error: %s", exc)
+        return EXIT_MODEL
+    except PawcamError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

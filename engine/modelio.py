@@ -1,0 +1,207 @@
+"""The model on disk: a ``.keras`` file plus a metadata JSON beside it.
+
+    models/cat_dog_model.keras   the Keras 3 model; takes raw RGB 0-255, returns probabilities
+    models/cat_dog_model.json    ModelMeta: class names, input size, threshold, temperature, ...
+
+    loaded = load_model("models/cat_dog_model.keras")
+    loaded.meta.class_names          # ['cat', 'dog']
+    loaded.model(batch_uint8_as_float32)
+
+Two classes use one sigmoid unit (probability of ``class_names[1]``); more classes use a softmax.
+The last layer must be a ``Dense`` layer (or an ``Activation`` after one): its pre-activation
+outputs are the logits that calibration and Grad-CAM work on. Models are always loaded with
+Keras safe mode on, so a ``.keras`` file cannot run arbitrary Python code (Lambda layers).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+META_FORMAT = "pawcam-model/1"
+#: the only preprocessing contract: the model takes RGB pixels in [0, 255] as float32
+PREPROCESSING = "rgb_0_255"
+
+HOW_TO_GET_A_MODEL = (
+    "train one with `pawcam train --data DIR` or restore the shipped one with "
+    "`git checkout -- models/`, then point [model] path in config.toml at it"
+)
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """Everything the engine needs to know about a model besides its weights."""
+
+    class_names: tuple[str, ...]
+    input_size: tuple[int, int] = (224, 224)  # (height, width)
+    preprocessing: str = PREPROCESSING
+    #: binary models: predict class_names[1] when its calibrated probability >= threshold
+    threshold: float = 0.5
+    #: calibrated probability = activation(logits / temperature)
+    temperature: float = 1.0
+    version: str = "unversioned"
+    #: default Grad-CAM layer recorded at training time ("" = find automatically)
+    target_layer: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    format: str = META_FORMAT
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def binary(self) -> bool:
+        return len(self.class_names) == 2
+
+    def predicted_indices(self, probs: Any) -> Any:
+        """Predicted class index per row of calibrated probabilities (N, C).
+
+        Binary models compare ``P(class_names[1])`` with ``threshold``; others take the argmax.
+        Grad-CAM explains exactly this class.
+        """
+        import numpy as np
+
+        probs = np.asarray(probs)
+        if self.binary:
+            return (probs[:, 1] >= self.threshold).astype(np.int64)
+        return np.argmax(probs, axis=1)
+
+    def validate(self, where: str) -> None:
+        names = self.class_names
+        if len(names) < 2 or len(set(names)) != len(names) or not all(
+                isinstance(n, str) and n.strip() for n in names):
+            raise ModelLoadError(f"{where}: class_names must be two or more distinct, non-empty "
+                                 f"names, got {list(names)!r}")
+        if "uncertain" in names:
+            raise ModelLoadError(f"{where}: 'uncertain' is reserved for low-confidence results; "
+                                 "rename that class")
+        h, w = self.input_size
+        if not (8 <= h <= 4096 and 8 <= w <= 4096):
+            raise ModelLoadError(f"{where}: input_size {self.input_size} is out of range")
+        if self.preprocessing != PREPROCESSING:
+            raise ModelLoadError(f"{where}: preprocessing {self.preprocessing!r} is not supported; "
+                                 f"pawcam models take raw RGB ({PREPROCESSING!r}) and scale inside")
+        if not 0.0 < self.threshold < 1.0:
+            raise ModelLoadError(f"{where}: threshold must be in (0, 1), got {self.threshold}")
+        if not self.temperature > 0.0:
+            raise ModelLoadError(f"{where}: temperature must be > 0, got {self.temperature}")
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["class_names"] = list(self.class_names)
+        data["input_size"] = list(self.input_size)
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> ModelMeta:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ModelLoadError(f"{where}: unknown metadata key(s) {unknown}")
+        if "class_names" not in data:
+            raise ModelLoadError(f"{where}: metadata lacks class_names")
+        try:
+            data = dict(data)
+            data["class_names"] = tuple(data["class_names"])
+            if "input_size" in data:
+                h, w = data["input_size"]
+                data["input_size"] = (int(h), int(w))
+            for key in ("threshold", "temperature"):
+                if key in data:
+                    data[key] = float(data[key])
+            meta = cls(**data)
+        except (TypeError, ValueError) as exc:
+            raise ModelLoadError(f"{where}: malformed metadata ({exc})") from exc
+        if meta.format != META_FORMAT:
+            raise ModelLoadError(f"{where}: metadata format {meta.format!r} is not {META_FORMAT!r}")
+        meta.validate(where)
+        return meta
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # keras.Model
+    meta: ModelMeta
+    path: Path
+
+
+def meta_path_for(model_path: str | Path) -> Path:
+    """``models/x.keras`` -> ``models/x.json``."""
+    return Path(model_path).with_suffix(".json")
+
+
+def read_meta(model_path: str | Path) -> ModelMeta:
+    path = meta_path_for(model_path)
+    if not path.is_file():
+        raise ModelLoadError(f"model metadata {path} not found (it must sit beside the model); "
+                             + HOW_TO_GET_A_MODEL)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"model metadata {path} is not valid JSON ({exc}); "
+                             + HOW_TO_GET_A_MODEL) from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"model metadata {path} must be a JSON object")
+    return ModelMeta.from_dict(data, str(path))
+
+
+def load_model(model_path: str | Path) -> LoadedModel:
+    """Load ``model_path`` (.keras, safe mode) and its metadata; check they agree."""
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise ModelLoadError(f"model file {model_path} not found; " + HOW_TO_GET_A_MODEL)
+    if model_path.suffix != ".keras" or not zipfile.is_zipfile(model_path):
+        raise ModelLoadError(f"{model_path} is not a Keras 3 `.keras` archive; "
+                             + HOW_TO_GET_A_MODEL)
+    meta = read_meta(model_path)
+    import keras  # heavy import kept off the module import path
+
+    try:
+        model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
+    except Exception as exc:  # keras raises many types for a corrupt archive
+        raise ModelLoadError(f"cannot load {model_path} ({type(exc).__name__}: {exc}); "
+                             + HOW_TO_GET_A_MODEL) from exc
+    _check_agreement(model, meta, model_path)
+    log.info("loaded model %s (version %s, classes %s)", model_path, meta.version,
+             ", ".join(meta.class_names))
+    return LoadedModel(model=model, meta=meta, path=model_path)
+
+
+def _check_agreement(model: Any, meta: ModelMeta, where: Path) -> None:
+    in_shape = tuple(model.inputs[0].shape)
+    if len(in_shape) != 4 or in_shape[-1] != 3:
+        raise ModelLoadError(f"{where}: model input must be (batch, H, W, 3), got {in_shape}")
+    if in_shape[1:3] != (None, None) and tuple(in_shape[1:3]) != meta.input_size:
+        raise ModelLoadError(f"{where}: model input {in_shape[1:3]} disagrees with metadata "
+                             f"input_size {meta.input_size}")
+    units = model.outputs[0].shape[-1]
+    expected = 1 if meta.binary else meta.num_classes
+    if units != expected:
+        raise ModelLoadError(f"{where}: model has {units} output unit(s) but metadata lists "
+                             f"{meta.num_classes} classes (expected {expected} unit(s))")
+
+
+def save_model(model: Any, meta: ModelMeta, model_path: str | Path) -> Path:
+    """Write ``model_path`` (.keras) and its metadata JSON atomically; return the model path."""
+    model_path = Path(model_path)
+    if model_path.suffix != ".keras":
+        raise ValueError(f"model path must end in .keras, got {model_path}")
+    meta.validate(str(model_path))
+    _check_agreement(model, meta, model_path)
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_model = model_path.with_name(model_path.stem + ".tmp.keras")
+    model.save(tmp_model)
+    meta_path = meta_path_for(model_path)
+    tmp_meta = meta_path.with_name(meta_path.name + ".tmp")
+    tmp_meta.write_text(meta.to_json(), encoding="utf-8")
+    tmp_model.replace(model_path)
+    tmp_meta.replace(meta_path)
+    return model_path

@@ -1,0 +1,106 @@
+"""Grad-CAM pictures: pure functions from arrays to arrays, plus one safe writer.
+
+    gray = attention_gray(cam, size=(h, w))            # (h, w) uint8
+    heat = heatmap(cam, size=(h, w), colormap="jet")   # (h, w, 3) RGB uint8
+    over = overlay(rgb, cam, alpha=0.45, caption="dog 97.3%")
+    write_picture(path, over, fmt="jpg", quality=90)  # atomic: temp file + rename
+"""
+from __future__ import annotations
+
+import os
+import re
+import unicodedata
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+_COLORMAPS = {
+    "jet": cv2.COLORMAP_JET, "turbo": cv2.COLORMAP_TURBO, "inferno": cv2.COLORMAP_INFERNO,
+    "magma": cv2.COLORMAP_MAGMA, "viridis": cv2.COLORMAP_VIRIDIS, "plasma": cv2.COLORMAP_PLASMA,
+    "hot": cv2.COLORMAP_HOT, "bone": cv2.COLORMAP_BONE, "parula": cv2.COLORMAP_PARULA,
+}
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_STEM = 80
+
+
+def _upsample(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    h, w = size
+    return cv2.resize(np.asarray(cam, np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+def attention_gray(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """CAM in [0, 1] upsampled to ``size`` (h, w) as 8-bit grayscale (white = attention)."""
+    return np.clip(_upsample(cam, size) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def heatmap(cam: np.ndarray, size: tuple[int, int], colormap: str = "jet") -> np.ndarray:
+    """CAM upsampled to ``size`` and colored: RGB uint8."""
+    bgr = cv2.applyColorMap(attention_gray(cam, size), _COLORMAPS[colormap])
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def overlay(rgb: np.ndarray, cam: np.ndarray, *, alpha: float = 0.45, colormap: str = "jet",
+            caption: str = "") -> np.ndarray:
+    """Blend the colored CAM over ``rgb`` (same size) and write ``caption`` at the top left."""
+    heat = heatmap(cam, rgb.shape[:2], colormap)
+    blended = cv2.addWeighted(rgb, 1.0 - alpha, heat, alpha, 0.0)
+    if caption:
+        blended = draw_caption(blended, caption)
+    return blended
+
+
+def draw_caption(rgb: np.ndarray, caption: str) -> np.ndarray:
+    """White text on a dark band, scaled to the picture's width."""
+    out = rgb.copy()
+    h, w = out.shape[:2]
+    scale = max(0.35, min(1.2, w / 640.0))
+    thickness = max(1, round(scale * 2))
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    (tw, th), base = cv2.getTextSize(caption, font, scale, thickness)
+    pad = max(3, round(6 * scale))
+    band_h = min(h, th + base + 2 * pad)
+    band_w = min(w, tw + 2 * pad)
+    out[:band_h, :band_w] = (out[:band_h, :band_w] * 0.35).astype(np.uint8)
+    cv2.putText(out, caption, (pad, pad + th), font, scale, (255, 255, 255), thickness,
+                cv2.LINE_AA)
+    return out
+
+
+def safe_stem(name: str, max_len: int = MAX_STEM) -> str:
+    """A file-system-safe ASCII stem from any (hostile) file name.
+
+    ``"../../etc/passwd"`` -> ``"passwd"``; ``"Ünïcødé 猫.jpg"`` -> ``"Unicode_.jpg"`` stem part
+    ``"Unicode"``; empty results become ``"image"``. Uniqueness comes from the job id that
+    callers append, never from the name.
+    """
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    stem = base.rsplit(".", 1)[0] if "." in base.lstrip(".") else base
+    ascii_stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode("ascii")
+    cleaned = _UNSAFE.sub("_", ascii_stem).strip("._-")
+    return cleaned[:max_len] or "image"
+
+
+def encode_picture(image: np.ndarray, fmt: str, quality: int = 90) -> bytes:
+    """RGB or grayscale uint8 array to JPEG/PNG/WEBP bytes."""
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    params: list[int] = []
+    if fmt == "jpg":
+        params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+    elif fmt == "webp":
+        params = [cv2.IMWRITE_WEBP_QUALITY, int(quality)]
+    ok, buf = cv2.imencode("." + fmt, image, params)
+    if not ok:  # pragma: no cover - OpenCV failing on a valid uint8 array
+        raise RuntimeError(f"OpenCV could not encode a {fmt} picture")
+    return buf.tobytes()
+
+
+def write_picture(path: Path, image: np.ndarray, fmt: str, quality: int = 90) -> Path:
+    """Encode and write atomically (temp file + rename): a reader never sees half a picture."""
+    data = encode_picture(image, fmt, quality)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+    return path

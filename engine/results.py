@@ -1,0 +1,185 @@
+"""One result per input, and the CSV they are appended to.
+
+    writer = ResultsCsv(out_dir / "predictions.csv", class_names=("cat", "dog"))
+    writer.append(results)          # whole records, one write, flushed and fsync'ed
+    writer.job_ids()                # ids already recorded (exactly-once bookkeeping)
+
+The file opens with plain ``pandas.read_csv(path)``: UTF-8, a header, RFC 4180 quoting (any
+file name is safe: commas, quotes, newlines, non-ASCII). Text cells that a spreadsheet would run
+as a formula (starting with ``= + - @``, tab or carriage return) get a leading ``'``.
+A crash can at worst leave a partial last record; opening the file again cuts it off.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Sequence
+
+log = logging.getLogger(__name__)
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+UNCERTAIN = "uncertain"
+PICTURE_KINDS = ("gray", "heatmap", "overlay")
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_TERMINATOR = "\r\n"
+
+
+@dataclass
+class Result:
+    """What pawcam concluded about one input file: one CSV row."""
+
+    input_path: str
+    job_id: str
+    status: str = STATUS_OK
+    label: str = ""
+    confidence: float | None = None
+    probabilities: dict[str, float] = field(default_factory=dict)
+    pictures: dict[str, str] = field(default_factory=dict)  # kind -> path
+    width: int | None = None
+    height: int | None = None
+    error: str = ""
+    model_version: str = ""
+    sha256: str = ""
+    processed_at: str = field(default_factory=lambda: utc_now())
+
+    @property
+    def ok(self) -> bool:
+        return self.status == STATUS_OK
+
+
+def utc_now() -> str:
+    """UTC ISO 8601 with milliseconds and a Z: ``2026-11-24T14:03:07.123Z``."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def printable(name: str) -> str:
+    """A file name as valid UTF-8 text: undecodable bytes become ``\\xNN`` escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def neutralize(cell: str) -> str:
+    """Defuse spreadsheet formula injection: ``=cmd|' /C calc'!A0`` -> ``'=cmd|' /C calc'!A0``."""
+    return "'" + cell if cell.startswith(_FORMULA_START) else cell
+
+
+def columns(class_names: Sequence[str]) -> list[str]:
+    return ["input_path", "label", "confidence",
+            *(f"prob_{name}" for name in class_names),
+            *(f"{kind}_path" for kind in PICTURE_KINDS),
+            "width", "height", "status", "error", "model_version", "processed_at", "sha256",
+            "job_id"]
+
+
+def _fmt(value: float | int | None) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6f}"
+    return str(value)
+
+
+def to_row(result: Result, class_names: Sequence[str]) -> list[str]:
+    text = lambda s: neutralize(printable(s))  # noqa: E731 - tiny local helper
+    return [
+        text(result.input_path), text(result.label), _fmt(result.confidence),
+        *(_fmt(result.probabilities.get(name)) for name in class_names),
+        *(text(result.pictures.get(kind, "")) for kind in PICTURE_KINDS),
+        _fmt(result.width), _fmt(result.height), result.status, text(result.error),
+        text(result.model_version), result.processed_at, result.sha256, text(result.job_id),
+    ]
+
+
+def last_complete_record_end(text: str) -> int:
+    """Offset just past the last record terminator that is outside quotes (0 if none)."""
+    in_quotes = False
+    end = 0
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == '"':
+            in_quotes = not in_quotes
+        elif not in_quotes and ch == "\r" and text.startswith(_TERMINATOR, i):
+            end = i + 2
+            i += 1
+        i += 1
+    return end
+
+
+class ResultsCsv:
+    """Append-only results CSV with whole-record, durable appends."""
+
+    def __init__(self, path: str | Path, class_names: Sequence[str]) -> None:
+        self.path = Path(path)
+        self.class_names = tuple(class_names)
+        self.header = columns(self.class_names)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._repair()
+
+    def _repair(self) -> None:
+        """Cut a partial last record left by a crash; check the header matches this model."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        raw = self.path.read_bytes()
+        text = raw.decode("utf-8", "surrogateescape")
+        end = last_complete_record_end(text)
+        if end != len(text):
+            keep = len(text[:end].encode("utf-8", "surrogateescape"))
+            log.warning("%s: cutting off %d bytes of a partial last record (crash?)",
+                        self.path, len(raw) - keep)
+            with open(self.path, "r+b") as fh:
+                fh.truncate(keep)
+                fh.flush()
+                os.fsync(fh.fileno())
+            text = text[:end]
+        if text:
+            first = next(csv.reader(io.StringIO(text, newline="")), None)
+            if first != self.header:
+                from engine.errors import PawcamError
+
+                raise PawcamError(
+                    f"{self.path} has other columns than this model writes (a different model's "
+                    "classes?); move it aside or choose another output folder")
+
+    def append(self, results: Iterable[Result]) -> int:
+        """Append whole records in a single write, then flush and fsync. Returns the count."""
+        buf = io.StringIO(newline="")
+        w = csv.writer(buf, lineterminator=_TERMINATOR, quoting=csv.QUOTE_MINIMAL)
+        new_file = not self.path.exists() or self.path.stat().st_size == 0
+        if new_file:
+            w.writerow(self.header)
+        count = 0
+        for result in results:
+            w.writerow(to_row(result, self.class_names))
+            count += 1
+        if count == 0 and not new_file:
+            return 0
+        data = buf.getvalue().encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
+                     0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return count
+
+    def job_ids(self) -> set[str]:
+        """Every job_id already in the file."""
+        if not self.path.exists():
+            return set()
+        with open(self.path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if not header:
+                return set()
+            idx = header.index("job_id")
+            return {row[idx].lstrip("'") for row in reader if len(row) > idx}
