@@ -60,12 +60,13 @@ class Classifier:
     """A loaded model plus the settings that say how to run it and what to write."""
 
     def __init__(self, settings: Settings, loaded: LoadedModel | None = None) -> None:
+        self.settings = settings
+        self.device = configure_device(settings.device)  # imports TensorFlow quietly
+
         import tensorflow as tf
 
         from engine.gradcam import GradCam
 
-        self.settings = settings
-        self.device = configure_device(settings.device)
         with tf.device(self.device):
             self.loaded = loaded or load_model(settings.model.path)
             self.meta = self.loaded.meta

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                "3 model error, 130 interrupted.")
     parser.add_argument("--version", action="version", version=f"pawcam {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from engine.bulk_cli import register as register_predict
+    from engine.bulk_cli import register as register_predict  # noqa: E402
 
     register_predict(subparsers, common_options())
     for ep in sorted(entry_points(group="pawcam.commands"), key=lambda e: e.name):

@@ -72,7 +72,8 @@ def read_file_bytes(path: str | Path, *, max_bytes: int, follow_symlinks: bool =
             raise UnreadableFileError("is a symbolic link; pawcam does not follow links in "
                                       "its input (copy the file itself)") from exc
         if exc.errno == errno.ENOENT:
-            raise UnreadableFileError("file vanished before it could be read") from exc
+            raise UnreadableFileError("no such file (wrong path, or it was moved or deleted "
+                                      "before it could be read)") from exc
         raise UnreadableFileError(f"cannot open: {exc.strerror}") from exc
     try:
         st = os.fstat(fd)

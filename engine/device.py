@@ -11,6 +11,7 @@ import logging
 
 from engine.config import DeviceSettings
 from engine.errors import ConfigError
+from engine.quiet import native_stderr_captured
 
 log = logging.getLogger(__name__)
 _configured: str | None = None
@@ -21,9 +22,12 @@ def configure_device(settings: DeviceSettings) -> str:
     global _configured
     if _configured is not None:
         return _configured
-    import tensorflow as tf
+    with native_stderr_captured() as captured:
+        import tensorflow as tf
 
-    gpus = tf.config.list_physical_devices("GPU")
+        gpus = tf.config.list_physical_devices("GPU")
+    if captured.text:
+        log.debug("TensorFlow start-up output:\n%s", captured.text)
     choice = settings.device
     if choice == "cpu":
         try:

@@ -19,6 +19,7 @@ construction: the rebuilt graph must reproduce the model's own outputs.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -27,6 +28,8 @@ from engine.errors import ModelLoadError
 from engine.modelio import ModelMeta
 
 log = logging.getLogger(__name__)
+# Keras warns when a one-input model loaded from disk is called with a bare tensor; harmless.
+warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")
 
 ChannelWeights = Callable[[Any, Any], Any]  # (grads, activations) NHWK -> weights NK
 

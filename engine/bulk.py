@@ -1,0 +1,244 @@
+"""One-shot bulk runs: stream any number of files through the classifier, pipelined.
+
+    summary = run_bulk(["photos/"], out_dir=Path("results"), settings=settings, recursive=True)
+    summary.counts      # {'cat': 120, 'dog': 97, 'uncertain': 3}
+    summary.errors      # 2
+
+Files are listed lazily (never a whole folder in memory), decoded on a thread pool a few batches
+ahead, classified a batch at a time, and their pictures rendered and written on the pool while
+the next batch runs on the model. Rows reach ``predictions.csv`` in input order, one durable
+append per batch. Memory is bounded by ``batch_size x (PREFETCH_BATCHES + 2)`` images.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import stat
+import sys
+import threading
+import time
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from itertools import islice
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+from engine.classifier import Classifier, Job
+from engine.config import Settings
+from engine.decode import DecodedImage
+from engine.results import Result, ResultsCsv, printable
+
+log = logging.getLogger(__name__)
+
+PREFETCH_BATCHES = 2
+CSV_NAME = "predictions.csv"
+
+
+# -- listing ------------------------------------------------------------------------------------
+def new_run_id() -> str:
+    """``20261124T140307Z-9f3a``: sortable, unique across runs writing to one folder."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(2)
+
+
+def iter_inputs(paths: Iterable[str | Path], recursive: bool = False) -> Iterator[tuple[Path, bool]]:
+    """Yield ``(path, follow_symlinks)`` for every input file, lazily, in a stable order.
+
+    Files named on the command line are taken as given (a symlink named there is followed).
+    Inside folders, hidden entries are skipped, entries are sorted per folder, symlinks are
+    yielded unfollowed (so they become error rows), and subfolders are entered only with
+    ``recursive`` (never through a symlink). A missing path is yielded too: it gets an error row.
+    """
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            yield from _walk(path, recursive)
+        else:
+            yield path, True
+
+
+def _walk(folder: Path, recursive: bool) -> Iterator[tuple[Path, bool]]:
+    try:
+        with os.scandir(folder) as it:
+            names = sorted(e.name for e in it if not e.name.startswith("."))
+    except OSError as exc:
+        log.error("cannot list %s: %s", printable(str(folder)), exc.strerror or exc)
+        yield folder, False
+        return
+    for name in names:
+        path = folder / name
+        try:
+            st = os.lstat(path)
+        except OSError:
+            yield path, False  # vanished: becomes an error row
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            if recursive:
+                yield from _walk(path, recursive)
+        else:
+            yield path, False
+
+
+def make_jobs(inputs: Iterable[tuple[Path, bool]], run_id: str) -> Iterator[Job]:
+    for seq, (path, follow) in enumerate(inputs, start=1):
+        yield Job(source=path, display_path=str(path), job_id=f"{run_id}-{seq:06d}",
+                  follow_symlinks=follow)
+
+
+# -- progress -----------------------------------------------------------------------------------
+class Progress:
+    """A progress bar with rate and ETA on a terminal; a log line every ``every_s`` otherwise."""
+
+    def __init__(self, total: Callable[[], int | None], stream=None, every_s: float = 10.0) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.total = total
+        self.every_s = every_s
+        self.start = time.monotonic()
+        self.last = 0.0
+        self.done = 0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if not self.tty and now - self.last < self.every_s:
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.done / elapsed
+        total = self.total()
+        if self.tty:
+            if total:
+                frac = min(1.0, self.done / total)
+                eta = (total - self.done) / rate if rate > 0 else 0
+                bar = "#" * int(frac * 30)
+                line = (f"\r[{bar:<30}] {self.done}/{total} {rate:5.1f} img/s "
+                        f"ETA {int(eta) // 60}:{int(eta) % 60:02d} ")
+            else:
+                line = f"\r{self.done} files {rate:5.1f} img/s "
+            self.stream.write(line)
+            self.stream.flush()
+        else:
+            log.info("processed %d%s files (%.1f img/s)", self.done,
+                     f"/{total}" if total else "", rate)
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# -- the run ------------------------------------------------------------------------------------
+@dataclass
+class Summary:
+    csv_path: Path
+    total: int = 0
+    errors: int = 0
+    counts: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.total / self.seconds if self.seconds > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        labels = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items())) or "none"
+        return [f"{self.total} file(s) in {self.seconds:.1f} s ({self.rate:.1f} img/s)",
+                f"labels: {labels}; errors: {self.errors}",
+                f"results: {self.csv_path}"]
+
+
+def _batched(items: Iterable[Job], n: int) -> Iterator[list[Job]]:
+    it = iter(items)
+    while chunk := list(islice(it, n)):
+        yield chunk
+
+
+def run_jobs(classifier: Classifier, jobs: Iterable[Job], out_dir: Path, csv_name: str = CSV_NAME,
+             progress: Progress | None = None) -> Summary:
+    """Run ``jobs`` through the pipeline; append rows to ``out_dir/csv_name``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = ResultsCsv(out_dir / csv_name, classifier.meta.class_names)
+    summary = Summary(csv_path=writer.path)
+    batch_size = classifier.settings.inference.batch_size
+    start = time.monotonic()
+
+    def record(results: Sequence[Result]) -> None:
+        writer.append(results)
+        for r in results:
+            summary.total += 1
+            if r.ok:
+                summary.counts[r.label] += 1
+            else:
+                summary.errors += 1
+                log.warning("%s: %s", printable(r.input_path), r.error)
+        if progress:
+            progress.update(len(results))
+
+    with ThreadPoolExecutor(classifier.settings.inference.decode_threads,
+                            thread_name_prefix="pawcam-io") as pool:
+        decoding: deque[tuple[list[Job], list[Future]]] = deque()
+        finishing: deque[list[Future]] = deque()
+
+        def run_model(chunk: list[Job], futures: list[Future]) -> None:
+            decoded = [f.result() for f in futures]
+            slots: list[Future | Result] = []
+            good = [i for i, d in enumerate(decoded) if isinstance(d, DecodedImage)]
+            probs, cams = classifier.infer([decoded[i] for i in good]) if good else (None, None)
+            k = 0
+            for job, d in zip(chunk, decoded):
+                if isinstance(d, DecodedImage):
+                    cam = None if cams is None else cams[k]
+                    slots.append(pool.submit(classifier.finish, job, d, probs[k], cam, out_dir))
+                    k += 1
+                else:
+                    slots.append(classifier.error_result(job, d))
+            finishing.append(slots)
+
+        def flush(keep: int) -> None:
+            while len(finishing) > keep:
+                slots = finishing.popleft()
+                record([s.result() if isinstance(s, Future) else s for s in slots])
+
+        for chunk in _batched(jobs, batch_size):
+            decoding.append((chunk, [pool.submit(classifier.try_decode, j) for j in chunk]))
+            if len(decoding) > PREFETCH_BATCHES:
+                run_model(*decoding.popleft())
+                flush(keep=1)
+        while decoding:
+            run_model(*decoding.popleft())
+            flush(keep=1)
+        flush(keep=0)
+    summary.seconds = time.monotonic() - start
+    return summary
+
+
+def count_inputs_in_background(paths: Sequence[str | Path], recursive: bool) -> Callable[[], int | None]:
+    """Count the inputs on a daemon thread (for the ETA); the getter returns None until done."""
+    box: list[int] = []
+
+    def count() -> None:
+        box.append(sum(1 for _ in iter_inputs(paths, recursive)))
+
+    threading.Thread(target=count, name="pawcam-count", daemon=True).start()
+    return lambda: box[0] if box else None
+
+
+def run_bulk(paths: Sequence[str | Path], out_dir: Path, settings: Settings, *,
+             recursive: bool = False, csv_name: str = CSV_NAME, show_progress: bool = True,
+             classifier: Classifier | None = None) -> Summary:
+    """Classify every file under ``paths`` into ``out_dir`` (CSV + pictures)."""
+    classifier = classifier or Classifier(settings)
+    run_id = new_run_id()
+    log.info("run %s: writing to %s", run_id, out_dir)
+    progress = Progress(count_inputs_in_background(paths, recursive)) if show_progress else None
+    try:
+        return run_jobs(classifier, make_jobs(iter_inputs(paths, recursive), run_id), out_dir,
+                        csv_name, progress)
+    finally:
+        if progress:
+            progress.close()
+

@@ -1,0 +1,59 @@
+"""``pawcam predict``: the one-shot bulk run.
+
+    pawcam predict photos/ more.jpg --out results/ --recursive
+    pawcam predict photos/ --out results/ --no-gradcam --batch-size 64
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from engine.config import Settings, replace
+
+log = logging.getLogger("pawcam")
+
+
+def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+    p = subparsers.add_parser(
+        "predict", parents=[parent], help="classify files and folders once, then exit",
+        description="Classify image files and folders: writes OUT/predictions.csv (one row per "
+                    "input, appended across runs) and Grad-CAM pictures in OUT/gradcam/.",
+        epilog="Exit codes: 0 all inputs ok; 1 some inputs gave error rows; 2 usage/config "
+               "error or no input; 3 model error; 130 interrupted.")
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders")
+    p.add_argument("--out", "-o", type=Path, required=True, metavar="DIR",
+                   help="output folder (created if missing)")
+    p.add_argument("--recursive", "-r", action="store_true", help="descend into subfolders")
+    p.add_argument("--no-gradcam", action="store_true",
+                   help="predictions only: no Grad-CAM pictures (faster)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="override [inference] batch_size")
+    p.add_argument("--csv-name", default="predictions.csv", metavar="NAME",
+                   help="name of the results file inside --out (default: predictions.csv)")
+    p.set_defaults(func=run_predict)
+
+
+def run_predict(args: argparse.Namespace, settings: Settings) -> int:
+    from engine.bulk import run_bulk
+    from engine.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
+    from engine.errors import ConfigError
+
+    if args.no_gradcam:
+        settings = replace(settings, gradcam=replace(settings.gradcam, enabled=False))
+    if args.batch_size is not None:
+        if not 1 <= args.batch_size <= 4096:
+            raise ConfigError("--batch-size must be between 1 and 4096")
+        settings = replace(settings, inference=replace(settings.inference,
+                                                       batch_size=args.batch_size))
+    if "/" in args.csv_name or args.csv_name in ("", ".", ".."):
+        raise ConfigError("--csv-name must be a plain file name")
+    summary = run_bulk(args.paths, args.out, settings, recursive=args.recursive,
+                       csv_name=args.csv_name, show_progress=not args.quiet)
+    for line in summary.lines():
+        log.warning(line) if args.quiet and summary.errors else log.info(line)
+    if summary.total == 0:
+        log.error("no input files found (use --recursive to enter subfolders)")
+        return EXIT_USAGE
+    return EXIT_SOME_FAILED if summary.errors else EXIT_OK
