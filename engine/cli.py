@@ -40,21 +40,24 @@ log = logging.getLogger("pawcam")
 Handler = Callable[[argparse.Namespace, Settings], int]
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=None, metavar="PATH",
+def _add_common(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
+    """--config/-v/-q; accepted before or after the subcommand (``suppress`` for the latter,
+    so a subcommand's unset option does not overwrite one given before it)."""
+    default = (lambda value: argparse.SUPPRESS) if suppress else (lambda value: value)
+    parser.add_argument("--config", type=Path, default=default(None), metavar="PATH",
                         help="settings file (default: ./config.toml if present, else built-in "
                              "defaults)")
     verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("-v", "--verbose", action="count", default=0,
+    verbosity.add_argument("-v", "--verbose", action="count", default=default(0),
                            help="more log output (-vv for debug)")
-    verbosity.add_argument("-q", "--quiet", action="store_true",
+    verbosity.add_argument("-q", "--quiet", action="store_true", default=default(False),
                            help="only warnings and errors")
 
 
 def common_options() -> argparse.ArgumentParser:
     """Parent parser with --config/-v/-q, for subcommands added by other packages."""
     parent = argparse.ArgumentParser(add_help=False)
-    _add_common(parent)
+    _add_common(parent, suppress=True)
     return parent
 
 
@@ -65,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 ok, 1 some inputs failed, 2 usage/config error, "
                "3 model error, 130 interrupted.")
     parser.add_argument("--version", action="version", version=f"pawcam {__version__}")
+    _add_common(parser)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     from engine.bulk_cli import register as register_predict  # noqa: E402
 

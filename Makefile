@@ -1,0 +1,38 @@
+# pawcam: the two fresh-machine commands are `make run` and `make test` (each sets itself up).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+# What `make run` classifies, and where the results go.
+DATA   ?= ../shared/dataset/test
+OUT    ?= results
+
+.PHONY: setup run test bench bench-watcher train evaluate clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+run: setup            ## classify every photo under DATA into OUT/predictions.csv + OUT/gradcam/
+	$(BIN)/pawcam predict "$(DATA)" --recursive --out "$(OUT)"
+
+test: setup           ## the whole test suite
+	$(BIN)/python -m pytest -q
+
+bench: setup          ## engine throughput figures quoted in README.md
+	$(BIN)/python benchmarks/bench_engine.py
+
+bench-watcher: setup  ## daemon latency/throughput figures quoted in README.md
+	$(BIN)/python benchmarks/bench_watcher.py
+
+train: setup          ## retrain the shipped model on ../shared/dataset
+	$(BIN)/pawcam train --data ../shared/dataset
+
+evaluate: setup       ## evaluate the shipped model on ../shared/dataset/test
+	$(BIN)/pawcam evaluate --data ../shared/dataset
+
+clean:
+	rm -rf $(VENV) results .pytest_cache
