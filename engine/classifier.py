@@ -12,6 +12,7 @@ raises out of :meth:`process`: it becomes an ``error`` result with a clear messa
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -79,9 +80,14 @@ class Classifier:
         d = self.settings.decode
         data = read_file_bytes(job.source, max_bytes=d.max_file_bytes,
                                follow_symlinks=job.follow_symlinks)
-        return decode_image(data, input_size=self.meta.input_size, max_pixels=d.max_image_pixels,
-                            preview_max_side=self.settings.gradcam.max_side if self.outputs else None,
-                            reduced_jpeg=d.reduced_jpeg)
+        try:
+            return decode_image(data, input_size=self.meta.input_size,
+                                max_pixels=d.max_image_pixels,
+                                preview_max_side=self.settings.gradcam.max_side if self.outputs else None,
+                                reduced_jpeg=d.reduced_jpeg)
+        except ImageError as exc:
+            exc.sha256 = hashlib.sha256(data).hexdigest()  # error rows still identify content
+            raise
 
     def try_decode(self, job: Job) -> DecodedImage | ImageError:
         try:
@@ -149,6 +155,7 @@ class Classifier:
 
     def error_result(self, job: Job, error: ImageError | str, sha256: str = "") -> Result:
         message = str(error) or type(error).__name__
+        sha256 = sha256 or getattr(error, "sha256", "")
         return Result(input_path=job.display_path, job_id=job.job_id, status=STATUS_ERROR,
                       error=message, model_version=self.meta.version, sha256=sha256)
 

@@ -25,6 +25,8 @@ class ImageError(PawcamError):
 
     #: short machine-readable reason, written to logs and failure sidecars
     code = "image_error"
+    #: sha256 of the file's bytes when they could be read (filled in by the classifier)
+    sha256 = ""
 
 
 class EmptyFileError(ImageError):

@@ -148,9 +148,10 @@ class GradCam:
         self.target_path = resolve_target_layer(model, name) if name else find_target_layer(model)
         self.channel_weights = channel_weights
         self.head, self.activation = _head(model)
-        if meta.binary and not (self.activation == "sigmoid" and self.head.units == 1):
-            if not (self.activation == "sigmoid"):
-                raise ModelLoadError("a two-class model must end in one sigmoid unit")
+        wanted = "sigmoid" if meta.binary else "softmax"
+        if self.activation != wanted:
+            raise ModelLoadError(f"a {meta.num_classes}-class model must end in {wanted}, this "
+                                 f"one ends in {self.activation}")
         try:
             self.features = _build_feature_model(model, self.target_path)
         except ModelLoadError:
