@@ -26,7 +26,8 @@ from engine.decode import DecodedImage, decode_image, read_file_bytes
 from engine.device import configure_device
 from engine.errors import ImageError
 from engine.modelio import LoadedModel, load_model
-from engine.render import attention_gray, heatmap, overlay, safe_stem, write_picture
+from engine.render import (attention_gray, heatmap, overlay, safe_stem, safe_token,
+                           write_picture)
 from engine.results import STATUS_ERROR, UNCERTAIN, Result
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class Job:
 
 def picture_name(job: Job, kind: str, fmt: str) -> str:
     """``IMG_0001.jpg`` + job ``r1-000007`` -> ``IMG_0001.r1-000007.overlay.jpg`` (never collides)."""
-    return f"{safe_stem(job.display_path)}.{safe_stem(job.job_id)}.{kind}.{fmt}"
+    return f"{safe_stem(job.display_path)}.{safe_token(job.job_id)}.{kind}.{fmt}"
 
 
 def decide(probs: np.ndarray, index: int, class_names: Sequence[str],

@@ -54,11 +54,13 @@ def draw_caption(rgb: np.ndarray, caption: str) -> np.ndarray:
     """White text on a dark band, scaled to the picture's width."""
     out = rgb.copy()
     h, w = out.shape[:2]
-    scale = max(0.35, min(1.2, w / 640.0))
-    thickness = max(1, round(scale * 2))
     font = cv2.FONT_HERSHEY_SIMPLEX
+    (unit_w, _), _ = cv2.getTextSize(caption, font, 1.0, 2)
+    # As large as 1/640 of the width allows, shrunk further until the caption fits.
+    scale = max(0.25, min(1.2, w / 640.0, 0.9 * w / max(unit_w, 1)))
+    thickness = max(1, round(scale * 2))
     (tw, th), base = cv2.getTextSize(caption, font, scale, thickness)
-    pad = max(3, round(6 * scale))
+    pad = max(2, round(6 * scale))
     band_h = min(h, th + base + 2 * pad)
     band_w = min(w, tw + 2 * pad)
     out[:band_h, :band_w] = (out[:band_h, :band_w] * 0.35).astype(np.uint8)
@@ -79,6 +81,15 @@ def safe_stem(name: str, max_len: int = MAX_STEM) -> str:
     ascii_stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode("ascii")
     cleaned = _UNSAFE.sub("_", ascii_stem).strip("._-")
     return cleaned[:max_len] or "image"
+
+
+def safe_token(text: str, max_len: int = MAX_STEM) -> str:
+    """Like :func:`safe_stem` but keeps every dotted part: for ids, which have no extension.
+
+    ``safe_stem("job.1") == safe_stem("job.2") == "job"`` would make two ids collide.
+    """
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    return _UNSAFE.sub("_", ascii_text).strip("._-")[:max_len] or "id"
 
 
 def encode_picture(image: np.ndarray, fmt: str, quality: int = 90) -> bytes:
