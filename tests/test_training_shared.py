@@ -1,0 +1,41 @@
+"""The shipped model on real photos, through the engine (runs whenever ../shared exists)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.config import load_settings
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = REPO / "models" / "cat_dog_model.keras"
+
+pytestmark = [pytest.mark.shared, pytest.mark.slow]
+
+
+def test_shipped_model_scores_on_real_test_photos(shared_dir, tmp_path):
+    """First 100 sorted cats + first 100 sorted dogs of ../shared/dataset/test: >= 98%."""
+    if not MODEL.is_file():
+        pytest.skip(f"{MODEL} is absent")
+    from engine.classifier import Classifier, Job
+    from engine.config import replace
+
+    settings = load_settings(None)
+    settings = replace(settings, model=replace(settings.model, path=MODEL),
+                       gradcam=replace(settings.gradcam, enabled=False))
+    clf = Classifier(settings)
+    assert clf.meta.class_names == ("cat", "dog")
+    jobs, truth = [], []
+    for label in ("cat", "dog"):
+        files = sorted((shared_dir / "dataset" / "test" / label).glob("*.jpg"))[:100]
+        assert len(files) == 100
+        jobs += [Job(f, f.name, f"s{len(jobs) + i}") for i, f in enumerate(files)]
+        truth += [label] * len(files)
+    results = clf.process(jobs, out_dir=tmp_path)
+    assert all(r.status != "error" for r in results)
+    predicted = [max(r.probabilities, key=r.probabilities.get) for r in results]
+    accuracy = float(np.mean([p == t for p, t in zip(predicted, truth)]))
+    assert accuracy >= 0.98, f"accuracy {accuracy:.3f} on the 200-photo sample"
+    # calibrated probabilities, temperature from the metadata
+    assert clf.meta.temperature > 0 and clf.meta.target_layer == "out_relu"

@@ -1,0 +1,179 @@
+"""Evaluate a saved model on a labelled folder, exactly as the engine serves it.
+
+    loaded = load_model("models/cat_dog_model.keras")
+    result = evaluate_folder(settings, loaded, Path("data/test"))
+    result.metrics["accuracy"], result.metrics["ece"], result.gallery  # worst mistakes + CAMs
+
+Images stream through :class:`engine.classifier.Classifier` (the engine's decode, batched
+inference with the calibrated temperature, Grad-CAM), so the numbers measure what
+``pawcam predict`` and the daemon do. Uncalibrated probabilities (for "ECE before") are
+recovered from the calibrated ones: for a sigmoid unit ``z = T * logit(p)``, for a softmax
+``z = T * log p`` up to a constant that the softmax ignores; probabilities are clipped at
+1e-12 first, which only affects confidences already indistinguishable from 1.
+"""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.classifier import Classifier, Job
+from engine.config import Settings, replace
+from engine.decode import DecodedImage
+from engine.errors import ConfigError
+from engine.modelio import LoadedModel
+from engine.render import overlay
+from training import calibration, metrics
+from training.dataset import Skipped, scan_split
+
+log = logging.getLogger(__name__)
+
+GALLERY_SIDE = 256
+
+
+@dataclass
+class GalleryItem:
+    path: str             # relative to the evaluated folder
+    true_label: str
+    predicted: str
+    confidence: float
+    picture: np.ndarray   # Grad-CAM overlay, RGB uint8
+
+
+@dataclass
+class Evaluation:
+    split_dir: str
+    metrics: dict[str, Any]
+    reliability_before: dict[str, list]
+    reliability_after: dict[str, list]
+    roc: dict[str, Any]
+    skipped: list[Skipped] = field(default_factory=list)
+    gallery: list[GalleryItem] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "split_dir": self.split_dir,
+            "metrics": self.metrics,
+            "reliability_before": self.reliability_before,
+            "reliability_after": self.reliability_after,
+            "roc": self.roc,
+            "skipped": [s.as_dict() for s in self.skipped],
+            "most_confidently_wrong": [
+                {"path": g.path, "true": g.true_label, "predicted": g.predicted,
+                 "confidence": g.confidence} for g in self.gallery],
+            "seconds": self.seconds,
+        }
+
+
+def resolve_split(data: Path, split: str) -> Path:
+    """``DIR`` holding ``split/`` -> ``DIR/split``; otherwise ``DIR`` itself (``<class>/`` layout)."""
+    data = Path(data)
+    if (data / split).is_dir():
+        return data / split
+    if data.is_dir():
+        return data
+    raise ConfigError(f"evaluation data {data} not found; pass --data DIR with DIR/{split}/<class>/ "
+                      "or DIR/<class>/ folders of images")
+
+
+def uncalibrated(probs: np.ndarray, temperature: float, binary: bool) -> np.ndarray:
+    """Probabilities at temperature 1 recovered from calibrated ones (see module docstring)."""
+    p = np.clip(np.asarray(probs, np.float64), 1e-12, 1.0 - 1e-12)
+    if binary:
+        z = temperature * np.log(p[:, 1] / p[:, 0])
+        return calibration.probabilities(z)
+    return calibration.probabilities(temperature * np.log(p))
+
+
+def evaluate_folder(settings: Settings, loaded: LoadedModel, folder: Path,
+                    gallery_size: int = 12, progress_every: int = 500) -> Evaluation:
+    import time
+
+    t0 = time.perf_counter()
+    meta = loaded.meta
+    layout = scan_split(folder, meta.class_names)
+    # Pictures only as overlays, small: the engine's preview is then at most GALLERY_SIDE px.
+    eval_settings = replace(settings, gradcam=replace(
+        settings.gradcam, enabled=gallery_size > 0, outputs=("overlay",),
+        max_side=min(settings.gradcam.max_side, GALLERY_SIDE)))
+    clf = Classifier(eval_settings, loaded=loaded)
+    n = len(layout.files)
+    probs = np.zeros((n, meta.num_classes), np.float64)
+    ok = np.zeros(n, bool)
+    cams: dict[int, np.ndarray] = {}
+    previews: dict[int, np.ndarray] = {}
+    skipped: list[Skipped] = []
+    jobs = [Job(p, str(p.relative_to(folder)), f"eval-{i:06d}") for i, p in enumerate(layout.files)]
+    batch = settings.inference.batch_size
+    with ThreadPoolExecutor(max_workers=settings.inference.decode_threads) as pool:
+        for start in range(0, n, batch):
+            idx = list(range(start, min(n, start + batch)))
+            decoded = list(pool.map(clf.try_decode, [jobs[i] for i in idx]))
+            good = [(i, d) for i, d in zip(idx, decoded) if isinstance(d, DecodedImage)]
+            for i, d in zip(idx, decoded):
+                if not isinstance(d, DecodedImage):
+                    skipped.append(Skipped(jobs[i].display_path, getattr(d, "code", "image_error"),
+                                           str(d)))
+                    log.warning("skipping %s: %s", jobs[i].display_path, d)
+            if not good:
+                continue
+            p, c = clf.infer([d for _, d in good])
+            pred = meta.predicted_indices(p)
+            for k, (i, d) in enumerate(good):
+                probs[i] = p[k]
+                ok[i] = True
+                if pred[k] != layout.labels[i] and c is not None:
+                    cams[i] = c[k]
+                    previews[i] = d.preview if d.preview is not None else d.model_input
+            if progress_every and (start // batch + 1) * batch % progress_every < batch:
+                log.info("evaluated %d/%d images", min(n, start + batch), n)
+    y = np.asarray(layout.labels, np.int64)[ok]
+    p = probs[ok]
+    pred = meta.predicted_indices(p)
+    m = metrics.classification_metrics(y, p, pred, meta.class_names)
+    raw = uncalibrated(p, meta.temperature, meta.binary)
+    m["ece"] = calibration.expected_calibration_error(p, y)
+    m["ece_uncalibrated"] = calibration.expected_calibration_error(raw, y)
+    m["log_loss_uncalibrated"] = metrics.log_loss(y, raw)
+    m["temperature"] = meta.temperature
+    m["skipped"] = len(skipped)
+    m["counts"] = {name: int((y == c).sum()) for c, name in enumerate(meta.class_names)}
+    roc: dict[str, Any] = {}
+    for c, name in enumerate(meta.class_names):
+        if meta.binary and c == 0:
+            continue
+        fpr, tpr, _ = metrics.roc_curve(y == c, p[:, c])
+        keep = _thin(len(fpr), 400)
+        roc[name] = {"fpr": fpr[keep].round(5).tolist(), "tpr": tpr[keep].round(5).tolist(),
+                     "auc": metrics.roc_auc(y == c, p[:, c])}
+    # the most confidently wrong images, with their Grad-CAM overlays
+    kept = np.flatnonzero(ok)
+    wrong = [(float(probs[i, int(meta.predicted_indices(probs[i:i + 1])[0])]), int(i))
+             for i in kept if i in cams]
+    wrong.sort(reverse=True)
+    gallery: list[GalleryItem] = []
+    g = settings.gradcam
+    for conf, i in wrong[:gallery_size]:
+        pi = int(meta.predicted_indices(probs[i:i + 1])[0])
+        caption = f"{meta.class_names[pi]} {conf:.1%} (true {meta.class_names[layout.labels[i]]})"
+        pic = overlay(previews[i], cams[i], alpha=g.overlay_alpha, colormap=g.colormap,
+                      caption=caption)
+        gallery.append(GalleryItem(jobs[i].display_path, meta.class_names[layout.labels[i]],
+                                   meta.class_names[pi], conf, pic))
+    seconds = time.perf_counter() - t0
+    log.info("evaluated %d images in %.1f s: accuracy %.4f, ROC-AUC %.4f, ECE %.4f",
+             len(y), seconds, m["accuracy"], m["roc_auc"], m["ece"])
+    return Evaluation(str(folder), m, calibration.reliability_bins(raw, y),
+                      calibration.reliability_bins(p, y), roc, skipped, gallery, seconds)
+
+
+def _thin(n: int, most: int) -> np.ndarray:
+    """At most ``most`` evenly spread indices of ``n`` points, always keeping both ends."""
+    if n <= most:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, most).round().astype(int))

@@ -1,0 +1,301 @@
+"""The evaluation report beside a model: JSON, a Markdown model card, PNG plots, mistakes.
+
+    write_report(Path("models/cat_dog_model.keras"), meta, evaluation)
+    # models/cat_dog_model.md                         the model card (links into the folder below)
+    # models/cat_dog_model_report/evaluation.json     every number, machine-readable
+    # models/cat_dog_model_report/training_curves.png confusion_matrix.png roc_curve.png
+    # models/cat_dog_model_report/reliability_diagram.png
+    # models/cat_dog_model_report/wrong/NN_*.jpg      most confidently wrong, Grad-CAM overlays
+
+Everything the card says comes from the model's metadata (training data, counts, skipped
+files, settings, seeds, versions, timing, training history) and the evaluation, so
+``pawcam evaluate`` can rebuild the full card for any pawcam model. Plots use matplotlib's
+Agg backend (no display needed).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.modelio import ModelMeta
+from engine.render import safe_stem, write_picture
+
+log = logging.getLogger(__name__)
+
+
+def report_dir_for(model_path: Path) -> Path:
+    return model_path.with_name(model_path.stem + "_report")
+
+
+def card_path_for(model_path: Path) -> Path:
+    return model_path.with_suffix(".md")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training_curves(history: list[dict[str, Any]], path: Path) -> bool:
+    if not history:
+        return False
+    plt = _plt()
+    x = np.arange(1, len(history) + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=80)
+    for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], "accuracy", "accuracy")):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            y = [row.get(prefix + key) for row in history]
+            y = [np.nan if v in (None, "") else float(v) for v in y]
+            ax.plot(x, y, style, marker="o", ms=3, label=("validation " if prefix else "train ") + key)
+        phases = [row.get("phase") for row in history]
+        for i in range(1, len(phases)):
+            if phases[i] != phases[i - 1]:
+                ax.axvline(i + 0.5, color="gray", lw=0.8, ls=":")
+                ax.text(i + 0.6, ax.get_ylim()[1], " fine-tune", va="top", fontsize=8, color="gray")
+        ax.set_xlabel("epoch (head, then fine-tune)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def plot_confusion(cm: list[list[int]], class_names: tuple[str, ...], path: Path) -> None:
+    plt = _plt()
+    cm_arr = np.asarray(cm)
+    k = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.2 * k + 2.2, 1.2 * k + 1.6), dpi=80)
+    ax.imshow(cm_arr, cmap="Blues")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(cm_arr[i, j]), ha="center", va="center",
+                    color="white" if cm_arr[i, j] > cm_arr.max() / 2 else "black")
+    ax.set_xticks(range(k), class_names)
+    ax.set_yticks(range(k), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_roc(roc: dict[str, Any], path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6), dpi=80)
+    for ax, zoom in zip(axes, (False, True)):
+        for name, r in roc.items():
+            ax.plot(r["fpr"], r["tpr"], label=f"{name} (AUC {r['auc']:.4f})")
+        ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls=":")
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.grid(alpha=0.3)
+        if zoom:
+            ax.set_xlim(0, 0.1)
+            ax.set_ylim(0.9, 1.001)
+            ax.set_title("ROC (top-left corner)")
+        else:
+            ax.set_title("ROC curve")
+            ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_reliability(before: dict[str, list], after: dict[str, list], ece_before: float,
+                     ece_after: float, path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6), dpi=80, sharey=True)
+    edges = np.asarray(after["edges"])
+    width = edges[1] - edges[0]
+    for ax, bins, title in ((axes[0], before, f"uncalibrated (ECE {ece_before:.4f})"),
+                            (axes[1], after, f"calibrated (ECE {ece_after:.4f})")):
+        acc = [np.nan if a is None else a for a in bins["accuracy"]]
+        ax.bar(edges[:-1], acc, width=width, align="edge", edgecolor="black", alpha=0.7,
+               label="accuracy")
+        counts = np.asarray(bins["count"])
+        for x0, c in zip(edges[:-1], counts):
+            if c:
+                ax.text(x0 + width / 2, 0.02, str(c), ha="center", fontsize=6, rotation=90)
+        ax.plot([0, 1], [0, 1], color="red", lw=1, ls="--", label="perfect calibration")
+        ax.set_xlabel("confidence (predicted class)")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy in bin")
+    axes[0].legend(fontsize=8, loc="upper left")
+    fig.suptitle("reliability diagram (15 bins; numbers = images per bin)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(model_path: Path, meta: ModelMeta, evaluation: Any) -> Path:
+    """Write the report folder and the card beside ``model_path``; returns the card path."""
+    model_path = Path(model_path)
+    folder = report_dir_for(model_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = evaluation.to_dict()
+    m = data["metrics"]
+    plots: dict[str, str] = {}
+    if plot_training_curves(meta.extra.get("history", []), folder / "training_curves.png"):
+        plots["training curves"] = "training_curves.png"
+    plot_confusion(m["confusion_matrix"], meta.class_names, folder / "confusion_matrix.png")
+    plots["confusion matrix"] = "confusion_matrix.png"
+    if data["roc"]:
+        plot_roc(data["roc"], folder / "roc_curve.png")
+        plots["ROC curve"] = "roc_curve.png"
+    plot_reliability(data["reliability_before"], data["reliability_after"],
+                     m["ece_uncalibrated"], m["ece"], folder / "reliability_diagram.png")
+    plots["reliability diagram"] = "reliability_diagram.png"
+    wrong_dir = folder / "wrong"
+    for old in wrong_dir.glob("*") if wrong_dir.is_dir() else []:
+        old.unlink()
+    gallery_files = []
+    for k, item in enumerate(evaluation.gallery, 1):
+        name = f"{k:02d}_{safe_stem(item.path.replace('/', '_'))}.jpg"
+        wrong_dir.mkdir(exist_ok=True)
+        write_picture(wrong_dir / name, item.picture, "jpg", 85)
+        gallery_files.append(f"wrong/{name}")
+    for entry, f in zip(data["most_confidently_wrong"], gallery_files):
+        entry["overlay"] = f
+    data["model"] = {"file": model_path.name, "version": meta.version,
+                     "class_names": list(meta.class_names), "temperature": meta.temperature}
+    (folder / "evaluation.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    card = card_path_for(model_path)
+    card.write_text(render_card(model_path, meta, data, plots), encoding="utf-8")
+    log.info("report written: %s and %s/", card, folder)
+    return card
+
+
+def _pct(x: Any) -> str:
+    return "n/a" if x is None else f"{100 * float(x):.2f}%"
+
+
+def render_card(model_path: Path, meta: ModelMeta, data: dict[str, Any],
+                plots: dict[str, str]) -> str:
+    m = data["metrics"]
+    ex = meta.extra
+    rel = report_dir_for(model_path).name
+    names = meta.class_names
+    lines = [
+        f"# Model card: `{model_path.name}`",
+        "",
+        f"*Version* `{meta.version}` · classes {', '.join(f'`{n}`' for n in names)} · input "
+        f"{meta.input_size[0]}x{meta.input_size[1]} RGB 0-255 (scaling inside the model) · "
+        f"temperature {meta.temperature:.4f} · threshold {meta.threshold}",
+        "",
+        "## What it is",
+        "",
+        "MobileNetV2 (ImageNet-pretrained backbone unless stated below) → global average "
+        "pooling → dropout → Dense "
+        + ("(one sigmoid unit = P(" + names[1] + "))" if meta.binary else "(softmax)")
+        + ", one flat Keras graph; Grad-CAM explains layer "
+        f"`{meta.target_layer or 'auto'}`. Trained with `pawcam train` in two phases: the head "
+        "on the frozen backbone, then the top blocks fine-tuned at a low learning rate with "
+        "BatchNorm in inference mode. Confidences are temperature-scaled on the validation split.",
+        "",
+        f"## Evaluation on `{_short(data['split_dir'])}` (through the engine, as served)",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| images | {m['n']} ({', '.join(f'{k}: {v}' for k, v in m['counts'].items())}); "
+        f"skipped {m['skipped']} |",
+        f"| accuracy | {_pct(m['accuracy'])} |",
+        f"| ROC-AUC | {m['roc_auc']:.5f} |",
+        f"| ECE (15 bins), calibrated | {m['ece']:.4f} |",
+        f"| ECE before calibration (T = 1) | {m['ece_uncalibrated']:.4f} |",
+        f"| log loss calibrated / uncalibrated | {m['log_loss']:.4f} / "
+        f"{m['log_loss_uncalibrated']:.4f} |",
+        f"| macro F1 | {m['macro_f1']:.4f} |",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in m["per_class"].items():
+        lines.append(f"| {name} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} | "
+                     f"{r['support']} |")
+    lines += ["", "Confusion matrix (rows = true, columns = predicted):", "",
+              "| true \\ predicted | " + " | ".join(names) + " |",
+              "|---" * (len(names) + 1) + "|"]
+    for name, row in zip(names, m["confusion_matrix"]):
+        lines.append(f"| **{name}** | " + " | ".join(str(v) for v in row) + " |")
+    lines += ["", "## Plots", ""]
+    for title, f in plots.items():
+        lines.append(f"![{title}]({rel}/{f})")
+        lines.append("")
+    wrong = data["most_confidently_wrong"]
+    lines += ["## Most confidently wrong", ""]
+    if wrong:
+        lines += ["Grad-CAM overlays of the predicted class (what the model looked at when it "
+                  "was wrong):", "", "| image | true | predicted | confidence | overlay |",
+                  "|---|---|---|---|---|"]
+        for w in wrong:
+            pic = f"![]({rel}/{w['overlay']})" if w.get("overlay") else ""
+            lines.append(f"| `{w['path']}` | {w['true']} | {w['predicted']} | "
+                         f"{w['confidence']:.1%} | {pic} |")
+    else:
+        lines.append("No mistakes on this set.")
+    lines += ["", "## Training", ""]
+    if not ex:
+        lines.append("No training information in the metadata (not trained by `pawcam train`).")
+    else:
+        data_info = ex.get("data", {})
+        t = ex.get("timing", {})
+        lines += [
+            f"- data: `{_short(data_info.get('root', '?'))}`; train {data_info.get('train_counts')}, "
+            f"validation {data_info.get('val_counts')} (stratified {data_info.get('validation_fraction')} "
+            f"of train, seed {ex.get('seed')}), test {data_info.get('test_counts')}",
+            f"- skipped by the pre-scan: {len(ex.get('skipped', []))} file(s)"
+            + ("" if not ex.get("skipped") else ": " + ", ".join(
+                f"`{s['path']}` ({s['code']})" for s in ex["skipped"][:20])),
+            f"- backbone weights: `{_short(str(ex.get('backbone_weights')))}`",
+            f"- training wall-clock time: **{t.get('train_seconds', 0) / 60:.1f} min** "
+            f"(decode {t.get('decode_seconds', 0):.0f} s, features {t.get('feature_seconds', 0):.0f} s, "
+            f"head {t.get('head_seconds', 0):.0f} s, fine-tune {t.get('fine_tune_seconds', 0):.0f} s, "
+            f"calibration {t.get('calibration_seconds', 0):.0f} s) on {ex.get('machine', '?')}; "
+            "evaluation not included",
+            f"- validation ECE before/after calibration: {ex.get('val_ece_before', float('nan')):.4f} / "
+            f"{ex.get('val_ece_after', float('nan')):.4f} (T = {meta.temperature:.4f})",
+            f"- versions: {', '.join(f'{k} {v}' for k, v in ex.get('versions', {}).items())}",
+            f"- seeds: {ex.get('seed')} (Python, NumPy, TensorFlow via keras.utils.set_random_seed; "
+            "the split and the shuffling use it too). Multi-threaded CPU kernels are not bit-exact, "
+            "so a rerun can differ in the last digits.",
+            "",
+            "Settings (`[training]`):",
+            "",
+            "```toml",
+        ]
+        for k, v in ex.get("settings", {}).items():
+            lines.append(f"{k} = {json.dumps(v)}")
+        lines += ["```"]
+        notes = ex.get("notes")
+        if notes:
+            lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    lines += ["", "## Limits", "",
+              "- Trained on photos of " + " and ".join(names) + " only: any other picture still "
+              "gets one of these labels; the engine's `uncertain_below` band flags low "
+              "confidence but not out-of-distribution inputs.",
+              "- Calibration was fitted on a small validation split; ECE on other photo sources "
+              "may be higher.", ""]
+    return "\n".join(lines)
+
+
+def _short(path: str) -> str:
+    """Paths in the card relative to the repo's parent when possible (no home folders)."""
+    p = str(path)
+    for marker in ("/shared/", "/models/", "/runs/"):
+        if marker in p:
+            return "…" + p[p.index(marker):]
+    return p

@@ -1,0 +1,510 @@
+"""``pawcam train``: folder of labelled photos -> calibrated model + report, in a run folder.
+
+    result = train(settings, TrainOptions(data=Path("../shared/dataset")))
+    result.model_path      # runs/20261124-153000/model.keras (+ .json, .md, _report/)
+    result.installed       # True when copied to [training] install_to
+
+Steps (each logged with its time):
+
+1. **Pre-scan + decode cache.** ``DIR/train/<class>/`` and ``DIR/test/<class>/`` are listed;
+   every training file is decoded once with the engine's own decoder into a uint8 array
+   (unusable files are skipped and listed). A stratified, seeded validation split is carved
+   from train.
+2. **Phase 1, head.** The backbone is frozen, so its pooled features are computed once for
+   every training image *and its horizontal flip* (the only augmentation in this phase) and
+   for the validation images; the dropout + Dense head is then trained on those features
+   (seconds instead of minutes: one backbone pass instead of one per epoch). Same math as
+   training the full model with a frozen backbone, because frozen BatchNorm runs in
+   inference mode either way.
+3. **Phase 2, fine-tune.** Layers from ``fine_tune_from`` to the top are unfrozen (BatchNorm
+   stays frozen = inference mode) and trained end to end at a low learning rate on the full
+   augmentation pipeline (flip, rotation, zoom, contrast; tf.data over the uint8 cache, so
+   the saved graph holds no augmentation layer).
+   Both phases: early stopping on validation loss, restoring the best weights (phase 2 starts
+   from phase 1's best, which it must beat); a checkpoint each epoch (``checkpoints/last.keras``
+   and ``best.keras``); one CSV row per epoch in ``log.csv``.
+4. **Calibration.** A temperature is fitted on the validation logits (NLL); ECE before/after.
+5. **Evaluation** of the saved model on ``DIR/test`` through the engine, report and card.
+6. **Install** to ``[training] install_to`` per ``[training] install``: ``if_better`` (default)
+   evaluates the installed model on the same test folder and replaces it only when the new
+   one is better (accuracy, then ROC-AUC, then log loss), so a casual run never overwrites a
+   better shipped model and the repository only gets a new model file when it improves.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.config import Settings
+from engine.errors import ConfigError, ModelLoadError
+from engine.modelio import ModelMeta, load_model, meta_path_for, save_model
+from training import calibration, model as model_lib
+from training.config import TrainingSettings, training_settings
+from training.dataset import Skipped, decode_all, scan_split, stratified_split
+from training.evaluate import Evaluation, evaluate_folder
+from training.report import card_path_for, report_dir_for, write_report
+
+log = logging.getLogger(__name__)
+
+LOG_COLUMNS = ("phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy",
+               "learning_rate", "seconds")
+
+
+@dataclass
+class TrainOptions:
+    data: Path
+    run_dir: Path | None = None
+    install: str | None = None          # overrides [training] install
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model_path: Path
+    meta: ModelMeta
+    evaluation: Evaluation
+    installed: bool
+    install_path: Path
+    train_seconds: float
+
+
+class EpochLog:
+    """Appends one row per epoch to ``log.csv`` and logs a progress line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        with path.open("w", newline="", encoding="utf-8") as fh:
+            csv.writer(fh).writerow(LOG_COLUMNS)
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with self.path.open("a", newline="", encoding="utf-8") as fh:
+            csv.writer(fh).writerow([_fmt(row.get(c)) for c in LOG_COLUMNS])
+        log.info("%s epoch %d: loss %.4f acc %.4f | val_loss %.4f val_acc %.4f (%.1f s)",
+                 row["phase"], row["epoch"], row["loss"], row["accuracy"], row["val_loss"],
+                 row["val_accuracy"], row["seconds"])
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return "" if v is None else str(v)
+
+
+def _callbacks(phase: str, full_model: Any, epoch_log: EpochLog, ckpt_dir: Path,
+               patience: int, start_best: tuple[float, list] | None, batches: int):
+    """Epoch log + checkpoints + early stopping that restores the best weights."""
+    import keras
+
+    class Progress(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.t0 = time.perf_counter()
+            self.best = start_best[0] if start_best else np.inf
+            self.best_weights = start_best[1] if start_best else None
+            self.best_epoch = 0 if start_best else -1
+            self.wait = 0
+            self.last_note = 0.0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.perf_counter()
+            self.last_note = self.t0
+
+        def on_train_batch_end(self, batch, logs=None):
+            now = time.perf_counter()
+            if now - self.last_note > 30:
+                self.last_note = now
+                log.info("%s: batch %d/%d, loss %.4f", phase, batch + 1, batches,
+                         float((logs or {}).get("loss", np.nan)))
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            opt = getattr(self.model, "optimizer", None)
+            lr = float(np.asarray(opt.learning_rate)) if opt is not None else None
+            row = {"phase": phase, "epoch": epoch + 1, "loss": float(logs["loss"]),
+                   "accuracy": float(logs.get("accuracy", np.nan)),
+                   "val_loss": float(logs["val_loss"]),
+                   "val_accuracy": float(logs.get("val_accuracy", np.nan)),
+                   "learning_rate": lr, "seconds": time.perf_counter() - self.t0}
+            epoch_log.add(row)
+            full_model.save(ckpt_dir / "last.keras")
+            if row["val_loss"] < self.best - 1e-6:
+                self.best, self.best_epoch, self.wait = row["val_loss"], epoch + 1, 0
+                self.best_weights = full_model.get_weights()
+                full_model.save(ckpt_dir / "best.keras")
+            else:
+                self.wait += 1
+                if self.wait >= patience:
+                    log.info("%s: early stop, no val_loss improvement in %d epoch(s)", phase,
+                             patience)
+                    self.model.stop_training = True
+
+        def on_train_end(self, logs=None):
+            if self.best_weights is not None:
+                full_model.set_weights(self.best_weights)
+                where = f"epoch {self.best_epoch}" if self.best_epoch > 0 else "the previous phase"
+                log.info("%s: restored best weights (%s, val_loss %.4f)", phase, where, self.best)
+
+    return Progress()
+
+
+def _loss_and_metric(binary: bool):
+    import keras
+
+    if binary:
+        return keras.losses.BinaryCrossentropy(), keras.metrics.BinaryAccuracy(name="accuracy")
+    return (keras.losses.SparseCategoricalCrossentropy(),
+            keras.metrics.SparseCategoricalAccuracy(name="accuracy"))
+
+
+def _targets(labels: np.ndarray, binary: bool) -> np.ndarray:
+    return labels.astype(np.float32)[:, None] if binary else labels.astype(np.int64)
+
+
+def compute_features(fm: Any, images: np.ndarray, batch_size: int, flip: bool = False,
+                     what: str = "") -> np.ndarray:
+    """Pooled backbone features (N, C) in inference mode, batch by batch from uint8."""
+    import tensorflow as tf
+
+    step = tf.function(lambda x: fm(x, training=False), reduce_retracing=True)
+    out = []
+    t0 = time.perf_counter()
+    last = t0
+    for s in range(0, len(images), batch_size):
+        batch = images[s:s + batch_size]
+        if flip:
+            batch = batch[:, :, ::-1]
+        out.append(np.asarray(step(tf.constant(batch.astype(np.float32)))))
+        if time.perf_counter() - last > 30:
+            last = time.perf_counter()
+            log.info("features%s: %d/%d images", what, s + len(batch), len(images))
+    return np.concatenate(out).astype(np.float32)
+
+
+def augmenter(cfg: TrainingSettings, seed: int):
+    import keras
+
+    layers = []
+    if cfg.flip:
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+    if cfg.rotation > 0:
+        layers.append(keras.layers.RandomRotation(cfg.rotation, fill_mode="reflect", seed=seed + 1))
+    if cfg.zoom > 0:
+        layers.append(keras.layers.RandomZoom((-cfg.zoom, 0.0), fill_mode="reflect", seed=seed + 2))
+    if cfg.contrast > 0:
+        layers.append(keras.layers.RandomContrast(cfg.contrast, seed=seed + 3))
+    return keras.Sequential(layers, name="augment") if layers else None
+
+
+def train_pipeline(images: np.ndarray, targets: np.ndarray, cfg: TrainingSettings, seed: int):
+    """Shuffled (seeded, new order each epoch), batched, augmented tf.data from the uint8 cache."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    n, bs = len(images), cfg.batch_size
+
+    def batches():
+        order = rng.permutation(n)
+        for s in range(0, n, bs):
+            idx = np.sort(order[s:s + bs])
+            yield images[idx], targets[idx]
+
+    h, w = images.shape[1:3]
+    spec = (tf.TensorSpec((None, h, w, 3), tf.uint8),
+            tf.TensorSpec((None,) + targets.shape[1:], tf.as_dtype(targets.dtype)))
+    ds = tf.data.Dataset.from_generator(batches, output_signature=spec)
+    aug = augmenter(cfg, seed)
+
+    def prepare(x, y):
+        x = tf.cast(x, tf.float32)
+        if aug is not None:
+            x = tf.clip_by_value(aug(x, training=True), 0.0, 255.0)
+        return x, y
+
+    # repeat(): each pass of the generator is one epoch in a fresh seeded order; fit() gets
+    # steps_per_epoch so an epoch is exactly one pass.
+    return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).repeat().prefetch(2)
+
+
+def eval_pipeline(images: np.ndarray, targets: np.ndarray, batch_size: int):
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((images, targets)).batch(batch_size)
+    return ds.map(lambda x, y: (tf.cast(x, tf.float32), y)).prefetch(2)
+
+
+def logits_of(model: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Pre-activation outputs of the classifier (N, units), in inference mode."""
+    feats = compute_features(model_lib.feature_model(model), images, batch_size)
+    kernel, bias = model_lib.classifier_weights(model)
+    return feats.astype(np.float64) @ kernel + bias
+
+
+def _versions() -> dict[str, str]:
+    import keras
+    import tensorflow as tf
+
+    from engine import __version__
+
+    return {"pawcam": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+def _machine() -> str:
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    return f"{os.cpu_count()} CPU core(s)" + (f", {len(gpus)} GPU(s)" if gpus else ", no GPU")
+
+
+def _settings_dict(cfg: TrainingSettings) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = str(v) if isinstance(v, Path) else v
+    return out
+
+
+def train(settings: Settings, options: TrainOptions) -> TrainResult:
+    import keras
+
+    from engine.device import configure_device
+    import tensorflow as tf
+
+    cfg = training_settings(settings)
+    install_policy = options.install or cfg.install
+    data = Path(options.data).resolve()
+    if not (data / "train").is_dir():
+        raise ConfigError(f"{data}: no train/ folder; `pawcam train --data DIR` expects "
+                          "DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg")
+    if not (data / "test").is_dir():
+        raise ConfigError(f"{data}: no test/ folder; put held-out photos in DIR/test/<class>/ "
+                          "(same class folders as train/) so the model can be evaluated")
+    weights = cfg.weights_spec(settings.base_dir)
+    t_start = time.perf_counter()
+    timing: dict[str, float] = {}
+    run_dir = Path(options.run_dir) if options.run_dir else (
+        cfg.output_dir / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    log.info("run folder: %s", run_dir)
+    keras.utils.set_random_seed(cfg.seed)
+    device = configure_device(settings.device)
+
+    # 1. pre-scan + decode cache --------------------------------------------------------
+    t = time.perf_counter()
+    train_layout = scan_split(data / "train")
+    names = train_layout.class_names
+    test_layout = scan_split(data / "test", names)
+    binary = len(names) == 2
+    log.info("classes %s; %d training files, %d test files", list(names),
+             len(train_layout.files), len(test_layout.files))
+    images, labels, skipped = decode_all(train_layout.files, train_layout.labels,
+                                         input_size=cfg.input_size, decode=settings.decode,
+                                         threads=settings.inference.decode_threads, root=data)
+    if skipped:
+        log.warning("pre-scan skipped %d unusable training file(s); see the report", len(skipped))
+    counts = np.bincount(labels, minlength=len(names))
+    if (counts < 2).any():
+        raise ConfigError(f"{data / 'train'}: every class needs at least 2 usable images, got "
+                          f"{dict(zip(names, counts.tolist()))}")
+    train_idx, val_idx = stratified_split(labels, cfg.validation_fraction, cfg.seed)
+    timing["decode_seconds"] = time.perf_counter() - t
+    log.info("decoded %d images in %.1f s (%d train, %d validation, %d skipped)",
+             len(images), timing["decode_seconds"], len(train_idx), len(val_idx), len(skipped))
+    x_val, y_val = images[val_idx], labels[val_idx]
+    epoch_log = EpochLog(run_dir / "log.csv")
+    notes: list[str] = []
+
+    with tf.device(device):
+        model = model_lib.build_model(len(names), cfg.input_size, cfg.alpha, weights, cfg.dropout)
+        loss, metric = _loss_and_metric(binary)
+
+        # 2. phase 1: head on cached features --------------------------------------------
+        best: tuple[float, list] | None = None
+        if cfg.head_epochs > 0:
+            t = time.perf_counter()
+            fm = model_lib.feature_model(model)
+            x_tr = images[train_idx]
+            f_tr = compute_features(fm, x_tr, 64, what=" (train)")
+            if cfg.flip:
+                f_tr = np.concatenate([f_tr, compute_features(fm, x_tr, 64, flip=True,
+                                                              what=" (train, flipped)")])
+            del x_tr
+            y_tr = labels[train_idx]
+            if cfg.flip:
+                y_tr = np.concatenate([y_tr, y_tr])
+            f_val = compute_features(fm, x_val, 64, what=" (validation)")
+            timing["feature_seconds"] = time.perf_counter() - t
+            log.info("backbone features for phase 1 in %.1f s", timing["feature_seconds"])
+            t = time.perf_counter()
+            head = model_lib.head_model(model, f_tr.shape[1])
+            head.compile(optimizer=keras.optimizers.Adam(cfg.head_learning_rate), loss=loss,
+                         metrics=[metric])
+            steps = int(np.ceil(len(f_tr) / cfg.batch_size))
+            cb = _callbacks("head", model, epoch_log, ckpt_dir, cfg.head_patience, None, steps)
+            head.fit(f_tr, _targets(y_tr, binary), batch_size=cfg.batch_size,
+                     epochs=cfg.head_epochs, validation_data=(f_val, _targets(y_val, binary)),
+                     shuffle=True, callbacks=[cb], verbose=0)
+            best = (cb.best, model.get_weights())
+            timing["head_seconds"] = time.perf_counter() - t
+            del f_tr
+
+        # 3. phase 2: fine-tune the top blocks -------------------------------------------
+        if cfg.fine_tune_epochs > 0:
+            t = time.perf_counter()
+            n_trainable = model_lib.set_backbone_trainable(model, True, cfg.fine_tune_from)
+            log.info("fine-tuning %d backbone layers from %s (BatchNorm frozen), lr %g",
+                     n_trainable, cfg.fine_tune_from, cfg.fine_tune_learning_rate)
+            loss, metric = _loss_and_metric(binary)
+            model.compile(optimizer=keras.optimizers.Adam(cfg.fine_tune_learning_rate),
+                          loss=loss, metrics=[metric])
+            train_ds = train_pipeline(images[train_idx], _targets(labels[train_idx], binary),
+                                      cfg, cfg.seed)
+            val_ds = eval_pipeline(x_val, _targets(y_val, binary), 64)
+            steps = int(np.ceil(len(train_idx) / cfg.batch_size))
+            cb = _callbacks("fine-tune", model, epoch_log, ckpt_dir, cfg.fine_tune_patience,
+                            best, steps)
+            model.fit(train_ds, epochs=cfg.fine_tune_epochs, steps_per_epoch=steps,
+                      validation_data=val_ds, callbacks=[cb], shuffle=False, verbose=0)
+            if cb.best_epoch == 0:
+                notes.append("fine-tuning did not improve validation loss; the phase-1 weights "
+                             "were kept")
+            timing["fine_tune_seconds"] = time.perf_counter() - t
+        del images
+
+        # 4. calibration -----------------------------------------------------------------
+        t = time.perf_counter()
+        val_logits = logits_of(model, x_val, 64)
+        temperature = calibration.fit_temperature(val_logits, y_val) if cfg.calibrate else 1.0
+        val_ece_before = calibration.expected_calibration_error(
+            calibration.probabilities(val_logits), y_val)
+        val_ece_after = calibration.expected_calibration_error(
+            calibration.probabilities(val_logits, temperature), y_val)
+        timing["calibration_seconds"] = time.perf_counter() - t
+        log.info("temperature %.4f: validation ECE %.4f -> %.4f", temperature, val_ece_before,
+                 val_ece_after)
+
+        # a clean copy for serving: no optimizer state, nothing trainable-specific
+        clean = model_lib.build_model(len(names), cfg.input_size, cfg.alpha, None, cfg.dropout)
+        clean.set_weights(model.get_weights())
+    timing["train_seconds"] = time.perf_counter() - t_start
+    log.info("training took %.1f min", timing["train_seconds"] / 60)
+
+    digest = hashlib.sha256(b"".join(np.ascontiguousarray(w).tobytes()
+                                     for w in clean.get_weights())).hexdigest()[:8]
+    version = f"{datetime.now(timezone.utc):%Y.%m.%d}-{digest}"
+    extra = {
+        "seed": cfg.seed,
+        "settings": _settings_dict(cfg),
+        "backbone_weights": cfg.backbone_weights if weights in (None, "imagenet") else weights,
+        "data": {"root": str(data), "train_counts": _count(labels[train_idx], names),
+                 "val_counts": _count(y_val, names), "test_counts": test_layout.counts(),
+                 "validation_fraction": cfg.validation_fraction},
+        "skipped": [s.as_dict() for s in skipped],
+        "timing": {k: round(v, 1) for k, v in timing.items()},
+        "val_ece_before": val_ece_before, "val_ece_after": val_ece_after,
+        "history": epoch_log.rows,
+        "versions": _versions(),
+        "machine": _machine(),
+        "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "notes": notes,
+    }
+    meta = ModelMeta(class_names=names, input_size=cfg.input_size, temperature=temperature,
+                     version=version, target_layer=model_lib.TARGET_LAYER, extra=extra)
+    model_path = save_model(clean, meta, run_dir / "model.keras")
+    log.info("model saved: %s (version %s)", model_path, version)
+
+    # 5. evaluation on the test split, through the engine ---------------------------------
+    loaded = load_model(model_path)
+    evaluation = evaluate_folder(settings, loaded, data / "test", cfg.gallery_size)
+    meta = dataclasses.replace(meta, metrics=_summary(evaluation))
+    _write_meta(model_path, meta)
+    write_report(model_path, meta, evaluation)
+
+    # 6. install ---------------------------------------------------------------------------
+    installed = _maybe_install(settings, model_path, meta, evaluation, cfg.install_to,
+                               install_policy)
+    return TrainResult(run_dir, model_path, meta, evaluation, installed, cfg.install_to,
+                       timing["train_seconds"])
+
+
+def _count(labels: np.ndarray, names: tuple[str, ...]) -> dict[str, int]:
+    c = np.bincount(labels, minlength=len(names))
+    return {n: int(v) for n, v in zip(names, c)}
+
+
+def _summary(ev: Evaluation) -> dict[str, Any]:
+    m = ev.metrics
+    keys = ("n", "accuracy", "roc_auc", "ece", "ece_uncalibrated", "log_loss",
+            "log_loss_uncalibrated", "macro_f1", "confusion_matrix", "per_class", "skipped")
+    out = {k: m[k] for k in keys}
+    out["split"] = ev.split_dir
+    return out
+
+
+def _write_meta(model_path: Path, meta: ModelMeta) -> None:
+    path = meta_path_for(model_path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(meta.to_json(), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _score(m: dict[str, Any]) -> tuple[float, float, float]:
+    return (round(m["accuracy"], 6), round(m["roc_auc"], 6), -round(m["log_loss"], 6))
+
+
+def _maybe_install(settings: Settings, model_path: Path, meta: ModelMeta, evaluation: Evaluation,
+                   target: Path, policy: str) -> bool:
+    if policy == "never":
+        log.info("not installed ([training] install = \"never\"); the model is %s", model_path)
+        return False
+    if policy == "if_better" and target.exists():
+        try:
+            current = load_model(target)
+        except ModelLoadError as exc:
+            log.warning("installed model %s cannot be loaded (%s); replacing it", target, exc)
+        else:
+            if current.meta.class_names != meta.class_names:
+                log.warning("not installed: %s has classes %s, the new model %s; use "
+                            "--install always to replace it", target,
+                            list(current.meta.class_names), list(meta.class_names))
+                return False
+            log.info("evaluating the installed model %s on the same test set to compare", target)
+            old = evaluate_folder(settings, current, Path(evaluation.split_dir), 0)
+            new_s, old_s = _score(evaluation.metrics), _score(old.metrics)
+            if new_s <= old_s:
+                log.info("not installed: the installed model is as good or better "
+                         "(accuracy %.4f vs new %.4f, ROC-AUC %.5f vs %.5f); the new model "
+                         "stays in %s", old_s[0], new_s[0], old_s[1], new_s[1], model_path.parent)
+                return False
+            log.info("new model is better (accuracy %.4f vs %.4f, ROC-AUC %.5f vs %.5f)",
+                     new_s[0], old_s[0], new_s[1], old_s[1])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.stem + ".tmp.keras")
+    shutil.copyfile(model_path, tmp)
+    meta_tmp = meta_path_for(target).with_name(meta_path_for(target).name + ".tmp")
+    shutil.copyfile(meta_path_for(model_path), meta_tmp)
+    tmp.replace(target)
+    meta_tmp.replace(meta_path_for(target))
+    report = report_dir_for(target)
+    if report.exists():
+        shutil.rmtree(report)
+    shutil.copytree(report_dir_for(model_path), report)
+    write_report(target, meta, evaluation)  # the card's links use the installed name
+    log.info("installed %s (+ %s, %s, %s/)", target, meta_path_for(target).name,
+             card_path_for(target).name, report.name)
+    return True
