@@ -1,0 +1,345 @@
+"""The life of a dropped file on disk: claim, finalize, recover. See watcher/README_SECTION.md.
+
+    inbox/cats/tom.jpg
+      -- claim (one fsync'ed manifest per batch, then an atomic rename) -->
+    inbox/.pawcam-processing/<job_id>          + inbox/.pawcam-processing/batch-<id>.json
+      -- classify; ResultsCsv.append (one write + fsync)  == the commit point -->
+    outbox/processed/cats/tom.jpg  (or deleted)   |   outbox/failed/cats/tom.jpg + tom.jpg.error.txt
+      -- manifest deleted once every file of the batch is finalized
+
+Start-up recovery looks at what a crash left in the processing area: a file whose job id is in
+the CSV is only finalized (moved per its recorded status); one whose id is not is classified
+again under the same job id (its pictures are simply rewritten); a manifest entry without a file
+was either finalized or never claimed (the file is still in the inbox and is found again).
+"""
+from __future__ import annotations
+
+import csv
+import ctypes
+import ctypes.util
+import errno
+import json
+import logging
+import os
+import shutil
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from engine.results import printable
+from watcher.policy import free_name
+
+log = logging.getLogger(__name__)
+
+MANIFEST_PREFIX = "batch-"
+MANIFEST_SUFFIX = ".json"
+TMP_PREFIX = ".tmp-"
+SIDECAR_SUFFIX = ".error.txt"
+
+
+def shown(rel: str) -> str:
+    """A path as one log-safe token: quoted, newlines and odd bytes escaped."""
+    return json.dumps(printable(rel), ensure_ascii=False)
+
+
+# -- durable file-system primitives -------------------------------------------------------------
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write ``path`` via a temp file in the same folder + rename: readers never see half."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    if durable:
+        fsync_dir(path.parent)
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+_libc = None
+
+
+def _renameat2():
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            getattr(_libc, "renameat2")
+        except (OSError, AttributeError):
+            _libc = False
+    return _libc.renameat2 if _libc else None
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Atomic rename that fails with FileExistsError instead of replacing ``dst``.
+
+    renameat2(RENAME_NOREPLACE) where the kernel and file system have it; otherwise a check
+    then a rename (only this daemon writes to the outbox folders, so that cannot race).
+    """
+    fn = _renameat2()
+    if fn is not None:
+        rc = fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+        if rc == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(err, os.strerror(err), str(dst))
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), str(src))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+def move_no_clobber(src: Path, folder: Path, name: str, also_free: Iterable[str] = ()) -> Path:
+    """Move ``src`` (a file or a symlink, never followed) into ``folder`` as ``name``, or
+    ``name (1)``, ``name (2)`` ... so that nothing is ever overwritten. Works across file
+    systems (copy, fsync, rename, unlink). ``also_free``: suffixes that must be free too
+    (the failure sidecar)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    suffixes = tuple(also_free)
+
+    def taken(candidate: str) -> bool:
+        return any(os.path.lexists(folder / (candidate + s)) for s in ("", *suffixes))
+
+    while True:
+        dst = folder / free_name(name, taken)
+        try:
+            rename_noreplace(src, dst)
+            return dst
+        except FileExistsError:
+            continue  # lost a race with ourselves? pick the next name
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            return _copy_across(src, folder, name, taken)
+
+
+def _copy_across(src: Path, folder: Path, name: str, taken) -> Path:
+    tmp = folder / f"{TMP_PREFIX}{os.getpid()}-{src.name}"
+    st = os.lstat(src)
+    if stat.S_ISLNK(st.st_mode):
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.symlink(os.readlink(src), tmp)
+    elif stat.S_ISREG(st.st_mode):
+        shutil.copyfile(src, tmp, follow_symlinks=False)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    else:  # FIFO, socket, device: nothing to copy across file systems
+        os.unlink(src)
+        raise OSError(errno.EXDEV, "special file removed (cannot be copied to another file system)")
+    while True:
+        dst = folder / free_name(name, taken)
+        try:
+            rename_noreplace(tmp, dst)
+            break
+        except FileExistsError:
+            continue
+    fsync_dir(folder)
+    os.unlink(src)
+    return dst
+
+
+# -- claimed batches ----------------------------------------------------------------------------
+@dataclass
+class Item:
+    job_id: str
+    rel: str                  # inbox-relative path, '/'-separated; what the CSV shows
+    path: Path                # the claimed file, inside the processing area
+    ready_at: float = 0.0     # monotonic time it became ready (for latency figures)
+
+
+@dataclass
+class ClaimedBatch:
+    batch_id: str
+    manifest: Path
+    items: list[Item] = field(default_factory=list)
+    recovered: bool = False
+
+
+class Spool:
+    """Claims files out of the inbox and puts them where they belong afterwards."""
+
+    def __init__(self, inbox: Path, processing: Path, processed: Path, failed: Path,
+                 delete_on_success: bool = False) -> None:
+        self.inbox = inbox
+        self.processing = processing
+        self.processed = processed
+        self.failed = failed
+        self.delete_on_success = delete_on_success
+        processing.mkdir(exist_ok=True)
+
+    # -- claim --------------------------------------------------------------------------------
+    def claim(self, batch_id: str, entries: list[tuple[str, str, float]]) -> ClaimedBatch:
+        """Claim ``(job_id, rel, ready_at)`` entries: manifest first (fsync'ed), then renames.
+
+        Files that vanished meanwhile are skipped quietly; other rename failures are logged
+        and skipped (they stay in the inbox and are tried again at the next rescan).
+        """
+        manifest = self.processing / f"{MANIFEST_PREFIX}{batch_id}{MANIFEST_SUFFIX}"
+        body = {"batch": batch_id, "entries": [{"job_id": j, "rel": r} for j, r, _ in entries]}
+        write_atomic(manifest, json.dumps(body, ensure_ascii=True).encode("ascii"))
+        batch = ClaimedBatch(batch_id, manifest)
+        parents: set[Path] = set()
+        for job_id, rel, ready_at in entries:
+            src = self.inbox / rel
+            dst = self.processing / job_id
+            try:
+                os.rename(src, dst)
+            except FileNotFoundError:
+                log.debug("%s vanished before it could be claimed", shown(rel))
+                continue
+            except OSError as exc:
+                log.warning("cannot claim %s (left in the inbox): %s", shown(rel),
+                            exc.strerror or exc)
+                continue
+            parents.add(src.parent)
+            batch.items.append(Item(job_id, rel, dst, ready_at))
+        # make the renames durable before any result can be committed for them
+        fsync_dir(self.processing)
+        for parent in parents:
+            fsync_dir(parent)
+        if not batch.items:
+            self.drop_manifest(batch)
+        return batch
+
+    def unclaim(self, batch: ClaimedBatch) -> None:
+        """Give a claimed, unprocessed batch back to the inbox (clean stop)."""
+        for item in batch.items:
+            target = self.inbox / item.rel
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                rename_noreplace(item.path, target)
+            except OSError as exc:
+                log.info("%s stays in the processing area for the next start (%s)",
+                         shown(item.rel), exc.strerror or exc)
+                return  # keep the manifest: recovery will take it
+        fsync_dir(self.processing)
+        self.drop_manifest(batch)
+
+    def drop_manifest(self, batch: ClaimedBatch) -> None:
+        try:
+            os.unlink(batch.manifest)
+        except FileNotFoundError:
+            pass
+
+    # -- finalize -----------------------------------------------------------------------------
+    def finalize(self, item: Item, ok: bool, error: str = "") -> str:
+        """After the commit: move (or delete) the claimed file; returns where it went."""
+        rel_parent, _, name = item.rel.rpartition("/")
+        if ok:
+            if self.delete_on_success:
+                try:
+                    os.unlink(item.path)
+                except FileNotFoundError:
+                    pass
+                return "deleted"
+            dst = move_no_clobber(item.path, self.processed / rel_parent, name)
+            return str(dst)
+        dst = move_no_clobber(item.path, self.failed / rel_parent, name, (SIDECAR_SUFFIX,))
+        text = (f"{printable(item.rel)}\n"
+                f"job_id: {item.job_id}\n"
+                f"error: {printable(error) or 'unknown error'}\n")
+        try:
+            write_atomic(dst.with_name(dst.name + SIDECAR_SUFFIX), text.encode("utf-8"),
+                         durable=False)
+        except OSError as exc:
+            log.warning("cannot write the failure note for %s: %s", shown(item.rel), exc)
+        return str(dst)
+
+    # -- recovery -----------------------------------------------------------------------------
+    def recover(self, new_job_id) -> list[ClaimedBatch]:
+        """Batches a crash left in the processing area, rebuilt from their manifests.
+
+        Temp files are removed; entries whose file is gone are dropped; claimed files that no
+        manifest mentions (should not happen) get a fresh job id and their processing name.
+        """
+        batches: list[ClaimedBatch] = []
+        known: set[str] = set()
+        data: set[str] = set()
+        for entry in sorted(os.listdir(self.processing)):
+            path = self.processing / entry
+            if entry.startswith(TMP_PREFIX):
+                os.unlink(path)
+            elif entry.startswith(MANIFEST_PREFIX) and entry.endswith(MANIFEST_SUFFIX):
+                try:
+                    body = json.loads(path.read_text(encoding="ascii"))
+                    batch = ClaimedBatch(body["batch"], path, recovered=True)
+                    for e in body["entries"]:
+                        known.add(e["job_id"])
+                        item_path = self.processing / e["job_id"]
+                        if os.path.lexists(item_path):
+                            batch.items.append(Item(e["job_id"], e["rel"], item_path))
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    log.error("unreadable manifest %s (%s); its files are handled as unknown",
+                              path, exc)
+                    continue
+                if batch.items:
+                    batches.append(batch)
+                else:
+                    os.unlink(path)
+            else:
+                data.add(entry)
+        orphans = sorted(data - known)
+        if orphans:
+            batch_id = "orphans-" + new_job_id()
+            entries = []
+            for name in orphans:
+                job_id = new_job_id()
+                rel = f"recovered/{name}"
+                os.rename(self.processing / name, self.processing / job_id)
+                entries.append((job_id, rel))
+                log.warning("%s in the processing area had no manifest; processing it as %s",
+                            name, shown(rel))
+            manifest = self.processing / f"{MANIFEST_PREFIX}{batch_id}{MANIFEST_SUFFIX}"
+            write_atomic(manifest, json.dumps(
+                {"batch": batch_id, "entries": [{"job_id": j, "rel": r} for j, r in entries]},
+                ensure_ascii=True).encode("ascii"))
+            batches.append(ClaimedBatch(batch_id, manifest,
+                                        [Item(j, r, self.processing / j) for j, r in entries],
+                                        recovered=True))
+        return batches
+
+
+def csv_outcomes(path: Path, wanted: set[str]) -> dict[str, tuple[str, str]]:
+    """``job_id -> (status, error)`` for the ``wanted`` ids already in the results CSV."""
+    found: dict[str, tuple[str, str]] = {}
+    if not wanted or not path.exists():
+        return found
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if not header:
+            return found
+        i_job, i_status, i_error = (header.index(k) for k in ("job_id", "status", "error"))
+        for row in reader:
+            if len(row) <= max(i_job, i_status, i_error):
+                continue
+            job = row[i_job].lstrip("'")
+            if job in wanted:
+                found[job] = (row[i_status], row[i_error])
+    return found

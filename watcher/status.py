@@ -1,0 +1,80 @@
+"""The daemon's status file (JSON, in the outbox, replaced atomically) and its readable form."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.results import utc_now
+from watcher.spool import write_atomic
+
+
+@dataclass
+class Status:
+    state: str = "starting"            # starting, running, stopping, stopped
+    pid: int = field(default_factory=os.getpid)
+    started: str = field(default_factory=utc_now)
+    updated: str = field(default_factory=utc_now)
+    inbox: str = ""
+    outbox: str = ""
+    observer: str = ""
+    model_version: str = ""
+    processed: int = 0                 # rows written since start (ok + failed)
+    ok: int = 0
+    failed: int = 0
+    recovered: int = 0                 # files taken over from a previous run's crash
+    queue_depth: int = 0               # seen, not yet claimed + claimed, not yet committed
+    batches: int = 0
+    last_batch_size: int = 0
+    last_batch_seconds: float = 0.0
+    last_batch_at: str = ""
+
+    def write(self, path: Path) -> None:
+        self.updated = utc_now()
+        data = json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n"
+        write_atomic(path, data.encode("utf-8"), durable=False)
+
+
+def read_status(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def format_status(data: dict[str, Any], path: Path | None = None) -> str:
+    """The status as aligned ``key: value`` lines for people."""
+    state = data.get("state", "?")
+    pid = data.get("pid")
+    if state not in ("stopped",) and isinstance(pid, int) and not pid_alive(pid):
+        state += " (process gone: crashed or killed; the next start recovers its work)"
+    rows = [
+        ("state", state),
+        ("pid", pid),
+        ("started", data.get("started", "")),
+        ("updated", data.get("updated", "")),
+        ("inbox", data.get("inbox", "")),
+        ("outbox", data.get("outbox", "")),
+        ("observer", data.get("observer", "")),
+        ("model version", data.get("model_version", "")),
+        ("processed", f"{data.get('processed', 0)} ({data.get('ok', 0)} ok, "
+                      f"{data.get('failed', 0)} failed, {data.get('recovered', 0)} recovered)"),
+        ("queue depth", data.get("queue_depth", 0)),
+        ("batches", data.get("batches", 0)),
+        ("last batch", f"{data.get('last_batch_size', 0)} file(s) in "
+                       f"{float(data.get('last_batch_seconds', 0.0)):.2f} s at "
+                       f"{data.get('last_batch_at') or 'never'}"),
+    ]
+    if path is not None:
+        rows.insert(0, ("status file", str(path)))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in rows)
