@@ -60,12 +60,20 @@ def utc_now() -> str:
 
 def printable(name: str) -> str:
     """A file name as valid UTF-8 text: undecodable bytes become ``\\xNN`` escapes."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte (Windows names)
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def neutralize(cell: str) -> str:
     """Defuse spreadsheet formula injection: ``=cmd|' /C calc'!A0`` -> ``'=cmd|' /C calc'!A0``."""
     return "'" + cell if cell.startswith(_FORMULA_START) else cell
+
+
+def unneutralize(cell: str) -> str:
+    """Undo :func:`neutralize`: drop the one ``'`` it added (a cell's own quotes are kept)."""
+    return cell[1:] if cell.startswith("'") and cell[1:].startswith(_FORMULA_START) else cell
 
 
 def columns(class_names: Sequence[str]) -> list[str]:
@@ -182,4 +190,4 @@ class ResultsCsv:
             if not header:
                 return set()
             idx = header.index("job_id")
-            return {row[idx].lstrip("'") for row in reader if len(row) > idx}
+            return {unneutralize(row[idx]) for row in reader if len(row) > idx}
