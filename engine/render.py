@@ -72,8 +72,8 @@ def draw_caption(rgb: np.ndarray, caption: str) -> np.ndarray:
 def safe_stem(name: str, max_len: int = MAX_STEM) -> str:
     """A file-system-safe ASCII stem from any (hostile) file name.
 
-    ``"../../etc/passwd"`` -> ``"passwd"``; ``"Ünïcødé 猫.jpg"`` -> ``"Unicode_.jpg"`` stem part
-    ``"Unicode"``; empty results become ``"image"``. Uniqueness comes from the job id that
+    ``"../../etc/passwd"`` -> ``"passwd"``; ``"Crème brûlée 猫.jpg"`` -> ``"Creme_brulee"``;
+    empty results become ``"image"``. Uniqueness comes from the job id that
     callers append, never from the name.
     """
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
