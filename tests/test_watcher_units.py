@@ -1,0 +1,313 @@
+"""Unit tests of the watcher's pure policy, sd_notify sender, settings, spool and recovery.
+
+No TensorFlow here: recovery runs the real Daemon in-process with a fake classifier.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import stat
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from engine.config import load_settings
+from engine.errors import ConfigError, ImageError
+from engine.results import STATUS_ERROR, Result, ResultsCsv
+from watcher.config import DEFAULT_IGNORE, WatcherSettings, watcher_settings
+from watcher.policy import (
+    Tracker,
+    batch_deadline,
+    batch_ready,
+    free_name,
+    is_ignored,
+    numbered_name,
+    settled,
+)
+from watcher.sdnotify import Notifier, sd_notify, socket_address, watchdog_interval
+from watcher.spool import Spool, csv_outcomes, move_no_clobber, rename_noreplace
+from watcher.status import Status, format_status, read_status
+
+
+# -- pure policy ------------------------------------------------------------------------------
+@pytest.mark.parametrize("rel, ignored", [
+    ("photo.jpg", False), ("cats/tom.jpg", False), ("a,b \"c\"\n.jpg", False),
+    (".hidden.jpg", True), ("x.part", True), ("x.jpg.part", True), ("x.tmp", True),
+    ("x.jpg.crdownload", True), ("x.jpg~", True), (".pawcam-processing/w1", True),
+    ("sub/.git/x.jpg", True), ("tmp.d/x.jpg", False), ("", True),
+])
+def test_is_ignored(rel, ignored):
+    assert is_ignored(rel, DEFAULT_IGNORE) is ignored
+
+
+def test_settled_uses_elapsed_time_plus_mtime_age():
+    assert not settled(now=10.5, since=10.0, age_at_first_sight=0.0, settle_s=1.0)
+    assert settled(now=11.0, since=10.0, age_at_first_sight=0.0, settle_s=1.0)
+    assert settled(now=10.0, since=10.0, age_at_first_sight=5.0, settle_s=1.0)  # old file
+    assert not settled(now=10.0, since=10.0, age_at_first_sight=-3.0, settle_s=1.0)  # clock skew
+
+
+def test_batch_ready_full_or_waited_long_enough():
+    assert not batch_ready(now=5.0, first_ready=None, count=0, batch_size=4, max_wait_s=0.5)
+    assert not batch_ready(now=5.1, first_ready=5.0, count=1, batch_size=4, max_wait_s=0.5)
+    assert batch_ready(now=5.5, first_ready=5.0, count=1, batch_size=4, max_wait_s=0.5)
+    assert batch_ready(now=5.0, first_ready=5.0, count=4, batch_size=4, max_wait_s=0.5)
+    assert batch_deadline(5.0, 0.5) == 5.5 and batch_deadline(None, 0.5) is None
+
+
+def test_free_names_never_clobber():
+    assert numbered_name("photo.jpg", 0) == "photo.jpg"
+    assert numbered_name("photo.jpg", 2) == "photo (2).jpg"
+    assert numbered_name("README", 1) == "README (1)"
+    assert numbered_name(".x", 1) == ".x (1)"
+    taken = {"a.jpg", "a (1).jpg"}
+    assert free_name("a.jpg", taken.__contains__) == "a (2).jpg"
+
+
+def _st(size=10, mtime=100.0, mode=stat.S_IFREG | 0o644):
+    return SimpleNamespace(st_mode=mode, st_size=size, st_mtime_ns=int(mtime * 1e9))
+
+
+def test_tracker_settles_closes_and_batches():
+    t = Tracker(settle_s=1.0, batch_size=2, max_wait_s=0.5)
+    t.observe("a.jpg", _st(10, 100.0), now=0.0, wall=100.0)           # fresh: must settle
+    assert t.ready == {} and t.due_checks(0.5) == []
+    assert t.due_checks(1.0) == ["a.jpg"] and t.next_check() == 1.0
+    t.observe("a.jpg", _st(20, 100.5), now=1.0, wall=101.0)           # grew: restart
+    assert t.ready == {}
+    t.observe("a.jpg", _st(20, 100.5), now=2.0, wall=102.0)           # stable 1 s: ready
+    assert list(t.ready) == ["a.jpg"]
+    assert not t.batch_due(2.2) and t.batch_due(2.5) and t.deadline() == 2.5
+    t.observe("b.jpg", _st(5, 102.0), now=2.1, wall=102.1, complete=True)  # closed: at once
+    assert t.batch_due(2.1)                                            # full
+    assert [c.rel for c in t.take()] == ["a.jpg", "b.jpg"] and t.depth == 0
+
+
+def test_tracker_old_files_symlinks_and_reopened_files():
+    t = Tracker(settle_s=2.0, batch_size=10, max_wait_s=0.5)
+    t.observe("old.jpg", _st(10, 50.0), now=0.0, wall=100.0)           # mtime 50 s old
+    t.observe("link.jpg", _st(10, 99.9, mode=stat.S_IFLNK | 0o777), now=0.0, wall=100.0)
+    assert set(t.ready) == {"old.jpg", "link.jpg"}
+    t.observe("c.jpg", _st(10, 100.0), now=0.0, wall=100.0, complete=True)
+    assert "c.jpg" in t.ready
+    t.observe("c.jpg", _st(30, 100.2), now=0.2, wall=100.2)            # written again
+    assert "c.jpg" not in t.ready
+    t.forget("old.jpg")
+    t.forget_under("")  # no-op on an empty prefix match of nothing named "/"
+    assert "old.jpg" not in t.candidates
+
+
+# -- sd_notify over a real unix datagram socket ----------------------------------------------
+def test_sd_notify_path_socket(tmp_path):
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(path)
+        server.settimeout(2)
+        assert sd_notify("READY=1", "STATUS=hi", env={"NOTIFY_SOCKET": path})
+        assert server.recv(4096) == b"READY=1\nSTATUS=hi"
+
+
+def test_sd_notify_abstract_socket_and_watchdog():
+    name = f"@pawcam-test-{os.getpid()}"
+    assert socket_address(name) == b"\0" + name[1:].encode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(socket_address(name))
+        server.settimeout(2)
+        env = {"NOTIFY_SOCKET": name, "WATCHDOG_USEC": "4000000", "WATCHDOG_PID": str(os.getpid())}
+        n = Notifier.from_env(True, env)
+        assert n.interval == 2.0
+        n.ping(10.0)
+        n.ping(11.0)              # too soon: nothing sent
+        n.ping(12.0)
+        assert server.recv(100) == b"WATCHDOG=1"
+        assert server.recv(100) == b"WATCHDOG=1"
+        server.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            server.recv(100)
+
+
+def test_sd_notify_is_a_no_op_without_systemd(tmp_path):
+    assert not sd_notify("READY=1", env={})
+    assert not sd_notify("READY=1", env={"NOTIFY_SOCKET": str(tmp_path / "nobody-listens")})
+    assert watchdog_interval({"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}, pid=2) is None
+    assert not Notifier.from_env(False, {"NOTIFY_SOCKET": "/x"}).enabled
+
+
+# -- settings ---------------------------------------------------------------------------------
+def _settings(tmp_path, text):
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(text, encoding="utf-8")
+    return load_settings(cfg)
+
+
+def test_watcher_settings_defaults_and_overrides(tmp_path):
+    w = watcher_settings(_settings(tmp_path, "[watcher]\nsettle_ms = 100\nobserver = \"polling\"\n"))
+    assert w.settle_ms == 100 and w.observer == "polling" and w.ignore == DEFAULT_IGNORE
+    s = _settings(tmp_path, "[inference]\nbatch_size = 7\n")
+    assert watcher_settings(s).effective_batch_size(s) == 7
+    assert WatcherSettings(batch_size=3).effective_batch_size(s) == 3
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[watcher]\nsettel_ms = 1\n", "settel_ms"),
+    ("[watcher]\nsettle_ms = \"1\"\n", "settle_ms"),
+    ("[watcher]\nobserver = \"fanotify\"\n", "observer"),
+    ("[watcher]\nprocessing_dir = \"work\"\n", "processing_dir"),
+    ("[watcher]\non_success = \"keep\"\n", "on_success"),
+    ("[watcher]\nresults_csv = \"a/b.csv\"\n", "results_csv"),
+])
+def test_watcher_settings_errors_name_key_and_file(tmp_path, text, key):
+    with pytest.raises(ConfigError) as err:
+        watcher_settings(_settings(tmp_path, text))
+    assert key in str(err.value) and "config.toml" in str(err.value)
+
+
+# -- spool: claim, finalize, no clobbering ----------------------------------------------------
+def _spool(tmp_path, **kw):
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    inbox.mkdir(exist_ok=True)
+    return Spool(inbox, inbox / ".pawcam-processing", outbox / "processed", outbox / "failed", **kw)
+
+
+def test_claim_and_finalize_keep_relative_paths_and_never_overwrite(tmp_path):
+    sp = _spool(tmp_path)
+    (sp.inbox / "sub").mkdir()
+    for rel in ("sub/a.jpg", "b.jpg"):
+        (sp.inbox / rel).write_bytes(rel.encode())
+    batch = sp.claim("b1", [("j1", "sub/a.jpg", 0.0), ("j2", "b.jpg", 0.0), ("j3", "gone.jpg", 0.0)])
+    assert [i.rel for i in batch.items] == ["sub/a.jpg", "b.jpg"]        # vanished: skipped
+    assert batch.manifest.exists() and not (sp.inbox / "b.jpg").exists()
+    (sp.processed / "sub").mkdir(parents=True)
+    (sp.processed / "sub/a.jpg").write_bytes(b"older")
+    where = sp.finalize(batch.items[0], ok=True)
+    assert where.endswith("sub/a (1).jpg") and (sp.processed / "sub/a.jpg").read_bytes() == b"older"
+    where = sp.finalize(batch.items[1], ok=False, error="not an image")
+    assert Path(where) == sp.failed / "b.jpg"
+    assert "not an image" in (sp.failed / "b.jpg.error.txt").read_text()
+    sp.drop_manifest(batch)
+    assert os.listdir(sp.processing) == []
+
+
+def test_rename_noreplace_and_symlinks_are_moved_not_followed(tmp_path):
+    (tmp_path / "a").write_text("a")
+    (tmp_path / "b").write_text("b")
+    with pytest.raises(FileExistsError):
+        rename_noreplace(tmp_path / "a", tmp_path / "b")
+    os.symlink("/etc/hostname", tmp_path / "link")
+    dst = move_no_clobber(tmp_path / "link", tmp_path / "out", "link")
+    assert os.path.islink(dst) and os.readlink(dst) == "/etc/hostname"
+
+
+def test_unclaim_returns_files_to_the_inbox(tmp_path):
+    sp = _spool(tmp_path)
+    (sp.inbox / "a.jpg").write_bytes(b"x")
+    batch = sp.claim("b1", [("j1", "a.jpg", 0.0)])
+    sp.unclaim(batch)
+    assert (sp.inbox / "a.jpg").read_bytes() == b"x" and os.listdir(sp.processing) == []
+
+
+# -- recovery with the real daemon loop and a fake classifier ----------------------------------
+class FakeClassifier:
+    meta = SimpleNamespace(class_names=("cat", "dog"), version="fake-1", input_size=(8, 8))
+
+    def try_decode(self, job):
+        from engine.decode import DecodedImage, read_file_bytes
+
+        try:
+            data = read_file_bytes(job.source, max_bytes=10**6, follow_symlinks=False)
+        except ImageError as exc:
+            return exc
+        if not data.startswith(b"IMG"):
+            return ImageError("not an image")
+        return DecodedImage(np.zeros((8, 8, 3), np.uint8), None, 8, 8,
+                            hashlib.sha256(data).hexdigest())
+
+    def infer(self, images):
+        return np.tile([0.2, 0.8], (len(images), 1)), None
+
+    def finish(self, job, image, probs, cam, out_dir):
+        return Result(input_path=job.display_path, job_id=job.job_id, label="dog",
+                      confidence=float(probs[1]), probabilities={"cat": 0.2, "dog": 0.8},
+                      width=8, height=8, model_version="fake-1", sha256=image.sha256)
+
+    def error_result(self, job, error, sha256=""):
+        return Result(input_path=job.display_path, job_id=job.job_id, status=STATUS_ERROR,
+                      error=str(error), model_version="fake-1")
+
+
+def _run_once(tmp_path):
+    from watcher.daemon import Daemon
+
+    settings = _settings(tmp_path, f"""
+[paths]
+inbox = "{tmp_path / 'inbox'}"
+outbox = "{tmp_path / 'outbox'}"
+[watcher]
+settle_ms = 0
+max_wait_ms = 0
+""")
+    old = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        return Daemon(settings, watcher_settings(settings), once=True,
+                      classifier=FakeClassifier()).run()
+    finally:
+        signal.signal(signal.SIGINT, old[0])
+        signal.signal(signal.SIGTERM, old[1])
+
+
+def test_recovery_finalizes_committed_and_redoes_uncommitted(tmp_path):
+    """A crash after the commit of j1/j2 but before their moves, with j3 claimed but not
+    committed, a partial CSV line, a stray temp file and a manifest entry whose file is gone."""
+    sp = _spool(tmp_path)
+    for name, data in (("a.jpg", b"IMG-a"), ("b.jpg", b"junk"), ("c.jpg", b"IMG-c"),
+                       ("gone.jpg", b"IMG-g")):
+        (sp.inbox / name).write_bytes(data)
+    batch = sp.claim("b1", [("j1", "a.jpg", 0), ("j2", "b.jpg", 0), ("j3", "c.jpg", 0),
+                            ("j4", "gone.jpg", 0)])
+    os.unlink(batch.items[3].path)                       # finalized (deleted) before the crash
+    csv_path = tmp_path / "outbox" / "results.csv"
+    ResultsCsv(csv_path, ("cat", "dog")).append([
+        Result("a.jpg", "j1", label="dog", confidence=0.8),
+        Result("b.jpg", "j2", status=STATUS_ERROR, error="not an image"),
+    ])
+    with open(csv_path, "ab") as fh:
+        fh.write(b"c.jpg,dog,0.8")                        # partial record: power cut mid-write
+    (sp.processing / ".tmp-batch-b2.json.123").write_text("{")
+    (sp.inbox / "new.jpg").write_bytes(b"IMG-new")        # dropped while the daemon was down
+
+    assert _run_once(tmp_path) == 0
+    rows = ResultsCsv(csv_path, ("cat", "dog"))
+    outcomes = csv_outcomes(csv_path, {"j1", "j2", "j3"})
+    assert outcomes == {"j1": ("ok", ""), "j2": ("error", "not an image"), "j3": ("ok", "")}
+    import csv as _csv
+    with open(csv_path, newline="") as fh:
+        names = [r["input_path"] for r in _csv.DictReader(fh)]
+    assert sorted(names) == ["a.jpg", "b.jpg", "c.jpg", "new.jpg"]   # exactly once each
+    assert len(rows.job_ids()) == 4
+    assert (tmp_path / "outbox/processed/a.jpg").read_bytes() == b"IMG-a"
+    assert (tmp_path / "outbox/processed/c.jpg").read_bytes() == b"IMG-c"
+    assert (tmp_path / "outbox/failed/b.jpg.error.txt").exists()
+    assert os.listdir(sp.processing) == []
+    status = read_status(tmp_path / "outbox" / "status.json")
+    assert status["state"] == "stopped" and status["recovered"] == 1 and status["processed"] == 2
+
+
+def test_orphan_in_processing_area_is_not_lost(tmp_path):
+    sp = _spool(tmp_path)
+    (sp.processing / "mystery").write_bytes(b"IMG-m")
+    assert _run_once(tmp_path) == 0
+    assert os.listdir(sp.processing) == []
+    assert (tmp_path / "outbox/processed/recovered/mystery").exists()
+
+
+def test_format_status_is_readable(tmp_path):
+    s = Status(state="running", inbox="/in", outbox="/out", observer="native",
+               model_version="v1", processed=3, ok=2, failed=1, queue_depth=5,
+               last_batch_size=3, last_batch_seconds=0.5)
+    s.write(tmp_path / "status.json")
+    text = format_status(read_status(tmp_path / "status.json"))
+    assert "processed:" in text and "3 (2 ok, 1 failed" in text and "queue depth:   5" in text
