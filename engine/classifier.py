@@ -85,7 +85,8 @@ class Classifier:
             return decode_image(data, input_size=self.meta.input_size,
                                 max_pixels=d.max_image_pixels,
                                 preview_max_side=self.settings.gradcam.max_side if self.outputs else None,
-                                reduced_jpeg=d.reduced_jpeg)
+                                reduced_jpeg=d.reduced_jpeg,
+                                reduced_jpeg_min_side=d.reduced_jpeg_min_side)
         except ImageError as exc:
             exc.sha256 = hashlib.sha256(data).hexdigest()  # error rows still identify content
             raise

@@ -62,9 +62,12 @@ class DecodeSettings:
     max_image_pixels: int = 40_000_000
     max_file_bytes: int = 100_000_000
     reduced_jpeg: bool = True
+    reduced_jpeg_min_side: int = 512
 
     def validate(self, where: str) -> None:
         _check(self.max_image_pixels >= 1, where, "max_image_pixels", "must be positive")
+        _check(1 <= self.reduced_jpeg_min_side <= 16384, where, "reduced_jpeg_min_side",
+               "must be between 1 and 16384")
         _check(self.max_file_bytes >= 1, where, "max_file_bytes", "must be positive")
 
 

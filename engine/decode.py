@@ -35,6 +35,8 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "GIF", "TIFF")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".webp",
                             ".gif", ".tif", ".tiff"})
 
+#: reduced JPEG decoding keeps at least this many pixels on the long side by default
+DEFAULT_REDUCED_MIN_SIDE = 512
 # Our own pixel limit is checked before decoding; Pillow's global one is switched off so that
 # it cannot fire first with a less helpful message (or merely warn below 2x its limit).
 Image.MAX_IMAGE_PIXELS = None
@@ -101,12 +103,15 @@ def read_file_bytes(path: str | Path, *, max_bytes: int, follow_symlinks: bool =
 
 
 def decode_image(data: bytes, *, input_size: tuple[int, int], max_pixels: int,
-                 preview_max_side: int | None = None, reduced_jpeg: bool = True) -> DecodedImage:
+                 preview_max_side: int | None = None, reduced_jpeg: bool = True,
+                 reduced_jpeg_min_side: int = DEFAULT_REDUCED_MIN_SIDE) -> DecodedImage:
     """Decode ``data`` into model input (and optionally a preview) with EXIF orientation applied.
 
     ``input_size`` is (height, width). With ``reduced_jpeg`` large JPEGs are decoded at 1/2,
-    1/4 or 1/8 scale straight from the DCT, never below the model's input size: the choice
-    depends on the model input only, so predictions do not depend on output settings.
+    1/4 or 1/8 scale straight from the DCT, keeping the model's input size in both dimensions
+    and ``reduced_jpeg_min_side`` pixels on the long side (room for the pictures). The scale
+    depends on these decode settings only, never on output settings, so a run with or without
+    pictures -- and training -- feed the model identical pixels.
     """
     if not data:
         raise EmptyFileError("file is empty (0 bytes)")
@@ -132,9 +137,8 @@ def decode_image(data: bytes, *, input_size: tuple[int, int], max_pixels: int,
         if orientation in _SWAPS_AXES:
             width, height = height, width
         if reduced_jpeg and img.format == "JPEG":
-            h, w = input_size
-            want = (h, w) if orientation in _SWAPS_AXES else (w, h)
-            img.draft("RGB", want)
+            img.draft("RGB", _draft_request(img.size, input_size, orientation,
+                                            reduced_jpeg_min_side))
         rgb = _to_rgb_array(img, orientation)
     except (ImageTooLargeError, CorruptImageError):
         raise
@@ -154,11 +158,24 @@ def decode_image(data: bytes, *, input_size: tuple[int, int], max_pixels: int,
 
 def load_model_input(path: str | Path, *, input_size: tuple[int, int], max_pixels: int,
                      max_bytes: int, reduced_jpeg: bool = True,
+                     reduced_jpeg_min_side: int = DEFAULT_REDUCED_MIN_SIDE,
                      follow_symlinks: bool = False) -> np.ndarray:
     """File to ``(H, W, 3) uint8`` model input: what training reads, identical to serving."""
     data = read_file_bytes(path, max_bytes=max_bytes, follow_symlinks=follow_symlinks)
     return decode_image(data, input_size=input_size, max_pixels=max_pixels,
-                        reduced_jpeg=reduced_jpeg).model_input
+                        reduced_jpeg=reduced_jpeg,
+                        reduced_jpeg_min_side=reduced_jpeg_min_side).model_input
+
+
+def _draft_request(stored: tuple[int, int], input_size: tuple[int, int], orientation: int,
+                   min_side: int) -> tuple[int, int]:
+    """The (width, height) in stored orientation that a reduced decode must at least keep."""
+    w, h = stored
+    in_h, in_w = input_size
+    if orientation in _SWAPS_AXES:
+        in_h, in_w = in_w, in_h
+    long_side = max(w, h)
+    return (max(in_w, -(-min_side * w // long_side)), max(in_h, -(-min_side * h // long_side)))
 
 
 def resize_to(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:

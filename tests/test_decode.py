@@ -474,11 +474,22 @@ def test_preview_respects_max_side():
 
 @pytest.mark.parametrize("max_side", [64, 200, 512])
 def test_reduced_jpeg_preview_respects_max_side(big_jpeg, max_side):
-    """Pictures never exceed max_side; the reduced scale depends on the model input only
-    (2000x1500 at input 224 decodes at 1/4 = 500x375), so a 512 max side gets 500."""
+    """Pictures get exactly max_side: the reduced decode keeps reduced_jpeg_min_side (512) on
+    the long side (2000x1500 decodes at 1/2 = 1000x750, since 1/4 = 500 < 512)."""
     d = dec(big_jpeg, size=(224, 224), reduced_jpeg=True, preview_max_side=max_side)
-    assert max(d.preview.shape[:2]) == min(max_side, 500)
+    assert max(d.preview.shape[:2]) == max_side
     assert d.preview.shape[1] / d.preview.shape[0] == pytest.approx(4 / 3, rel=0.02)
+
+
+def test_reduced_jpeg_scale_depends_on_decode_settings_only(big_jpeg):
+    """The model input is identical whatever the pictures' size (no output-dependent skew)."""
+    a = dec(big_jpeg, size=(224, 224), reduced_jpeg=True, preview_max_side=None)
+    b = dec(big_jpeg, size=(224, 224), reduced_jpeg=True, preview_max_side=2000)
+    np.testing.assert_array_equal(a.model_input, b.model_input)
+    small = dec(big_jpeg, size=(224, 224), reduced_jpeg=True, reduced_jpeg_min_side=224,
+                preview_max_side=4000)
+    assert max(small.preview.shape[:2]) == 500  # 1/4 scale is allowed now
+    assert min(small.preview.shape[:2]) >= 224
 
 
 def test_resize_to_exact_size():
