@@ -122,10 +122,23 @@ def move_no_clobber(src: Path, folder: Path, name: str, also_free: Iterable[str]
     def taken(candidate: str) -> bool:
         return any(os.path.lexists(folder / (candidate + s)) for s in ("", *suffixes))
 
+    use_link = True
     while True:
         dst = folder / free_name(name, taken)
         try:
-            rename_noreplace(src, dst)
+            if use_link:
+                # link + unlink rather than rename: the inbox watch then sees a deletion, not an
+                # unpaired IN_MOVED_FROM (which watchdog holds back 0.5 s, delaying later events)
+                try:
+                    os.link(src, dst, follow_symlinks=False)
+                except OSError as exc:
+                    if exc.errno in (errno.EEXIST, errno.EXDEV):
+                        raise
+                    use_link = False  # not the owner (protected_hardlinks), no hard links, ...
+                    continue
+                os.unlink(src)
+            else:
+                rename_noreplace(src, dst)
             return dst
         except FileExistsError:
             continue  # lost a race with ourselves? pick the next name
