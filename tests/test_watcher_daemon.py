@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -232,7 +233,14 @@ def test_polling_observer_settles_slow_writes_and_sigint_mid_burst_exits_cleanly
     cfg = write_config(tmp_path, tiny_model_path, observer="polling", poll_seconds=0.2,
                        settle_ms=1000, batch_size=4, max_wait_ms=100)
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
-    daemon = DaemonProc(cfg)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)   # plays systemd
+    notify.bind(str(tmp_path / "notify.sock"))
+    messages: list[str] = []
+    listener = threading.Thread(target=lambda: messages.extend(iter(
+        lambda: notify.recv(4096).decode(), "END")), daemon=True)
+    listener.start()
+    daemon = DaemonProc(cfg, extra_env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
+                                        "WATCHDOG_USEC": "1000000"})
     try:
         daemon.wait_running()
         data = image_bytes(width=300, height=200, seed=3)
@@ -250,6 +258,12 @@ def test_polling_observer_settles_slow_writes_and_sigint_mid_burst_exits_cleanly
         assert rc == 0 and seconds < 10, daemon.log_text()[-3000:]
     finally:
         daemon.close()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as end:
+        end.sendto(b"END", str(tmp_path / "notify.sock"))
+    listener.join(5)
+    notify.close()
+    assert messages[0].startswith("READY=1")
+    assert "WATCHDOG=1" in messages and messages[-1] == "STOPPING=1"
     rows = read_rows(outbox)
     counts = Counter(r["input_path"] for r in rows)
     assert max(counts.values()) == 1

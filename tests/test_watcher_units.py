@@ -144,6 +144,12 @@ def _settings(tmp_path, text):
     return load_settings(cfg)
 
 
+def test_documented_config_section_matches_the_defaults(tmp_path):
+    section = Path(__file__).resolve().parents[1] / "watcher" / "config_section.toml"
+    settings = _settings(tmp_path, section.read_text(encoding="utf-8"))
+    assert watcher_settings(settings) == WatcherSettings()
+
+
 def test_watcher_settings_defaults_and_overrides(tmp_path):
     w = watcher_settings(_settings(tmp_path, "[watcher]\nsettle_ms = 100\nobserver = \"polling\"\n"))
     assert w.settle_ms == 100 and w.observer == "polling" and w.ignore == DEFAULT_IGNORE
@@ -311,3 +317,14 @@ def test_format_status_is_readable(tmp_path):
     s.write(tmp_path / "status.json")
     text = format_status(read_status(tmp_path / "status.json"))
     assert "processed:" in text and "3 (2 ok, 1 failed" in text and "queue depth:   5" in text
+
+
+def test_sd_notify_never_hangs_on_a_listener_that_stopped_reading(tmp_path, monkeypatch):
+    import watcher.sdnotify as sdn
+
+    monkeypatch.setattr(sdn, "SEND_TIMEOUT", 0.05)
+    path = str(tmp_path / "full.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(path)
+        sent = [sd_notify("WATCHDOG=1", env={"NOTIFY_SOCKET": path}) for _ in range(300)]
+    assert sent[0] and not all(sent)   # the queue filled up; later sends gave up quickly

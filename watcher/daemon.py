@@ -453,12 +453,12 @@ class Daemon:
         self._write_status()
 
     def _shutdown(self) -> None:
-        self.notifier.send("STOPPING=1")
         if self.stop_requested:
-            self._write_state("stopping")
             timer = threading.Timer(self.wcfg.stop_timeout_s, self._give_up)
             timer.daemon = True
             timer.start()
+            self._write_state("stopping")
+        self.notifier.send("STOPPING=1")
         if self.observer is not None:
             self.observer.stop()
         try:

@@ -19,6 +19,8 @@ from typing import Mapping
 
 log = logging.getLogger(__name__)
 
+SEND_TIMEOUT = 1.0  # seconds
+
 
 def socket_address(value: str) -> str | bytes:
     """``$NOTIFY_SOCKET`` as an address for ``socket.connect``: ``@name`` -> ``b"\\0name"``."""
@@ -40,6 +42,7 @@ def sd_notify(*assignments: str, env: Mapping[str, str] | None = None) -> bool:
     payload = "\n".join(assignments).encode("utf-8")
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.settimeout(SEND_TIMEOUT)  # a listener that stopped reading must not hang us
             sock.connect(socket_address(target))
             sock.sendall(payload)
         return True
