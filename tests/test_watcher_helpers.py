@@ -133,7 +133,7 @@ def wait_rows(daemon: DaemonProc | None, outbox: Path, count: int, timeout: floa
 
 def processing_leftovers(inbox: Path) -> list[str]:
     processing = inbox / ".pawcam-processing"
-    return sorted(os.listdir(processing)) if processing.exists() else []
+    return sorted(n for n in os.listdir(processing) if n != ".lock") if processing.exists() else []
 
 
 def inbox_files(inbox: Path) -> list[str]:

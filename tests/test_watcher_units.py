@@ -172,6 +172,10 @@ def test_watcher_settings_errors_name_key_and_file(tmp_path, text, key):
     assert key in str(err.value) and "config.toml" in str(err.value)
 
 
+def _left(sp) -> list[str]:
+    return sorted(n for n in os.listdir(sp.processing) if n != ".lock")
+
+
 # -- spool: claim, finalize, no clobbering ----------------------------------------------------
 def _spool(tmp_path, **kw):
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
@@ -195,7 +199,7 @@ def test_claim_and_finalize_keep_relative_paths_and_never_overwrite(tmp_path):
     assert Path(where) == sp.failed / "b.jpg"
     assert "not an image" in (sp.failed / "b.jpg.error.txt").read_text()
     sp.drop_manifest(batch)
-    assert os.listdir(sp.processing) == []
+    assert _left(sp) == []
 
 
 def test_rename_noreplace_and_symlinks_are_moved_not_followed(tmp_path):
@@ -213,7 +217,7 @@ def test_unclaim_returns_files_to_the_inbox(tmp_path):
     (sp.inbox / "a.jpg").write_bytes(b"x")
     batch = sp.claim("b1", [("j1", "a.jpg", 0.0)])
     sp.unclaim(batch)
-    assert (sp.inbox / "a.jpg").read_bytes() == b"x" and os.listdir(sp.processing) == []
+    assert (sp.inbox / "a.jpg").read_bytes() == b"x" and _left(sp) == []
 
 
 # -- recovery with the real daemon loop and a fake classifier ----------------------------------
@@ -297,7 +301,7 @@ def test_recovery_finalizes_committed_and_redoes_uncommitted(tmp_path):
     assert (tmp_path / "outbox/processed/a.jpg").read_bytes() == b"IMG-a"
     assert (tmp_path / "outbox/processed/c.jpg").read_bytes() == b"IMG-c"
     assert (tmp_path / "outbox/failed/b.jpg.error.txt").exists()
-    assert os.listdir(sp.processing) == []
+    assert _left(sp) == []
     status = read_status(tmp_path / "outbox" / "status.json")
     assert status["state"] == "stopped" and status["recovered"] == 1 and status["processed"] == 2
 
@@ -306,7 +310,7 @@ def test_orphan_in_processing_area_is_not_lost(tmp_path):
     sp = _spool(tmp_path)
     (sp.processing / "mystery").write_bytes(b"IMG-m")
     assert _run_once(tmp_path) == 0
-    assert os.listdir(sp.processing) == []
+    assert _left(sp) == []
     assert (tmp_path / "outbox/processed/recovered/mystery").exists()
 
 
@@ -328,3 +332,169 @@ def test_sd_notify_never_hangs_on_a_listener_that_stopped_reading(tmp_path, monk
         server.bind(path)
         sent = [sd_notify("WATCHDOG=1", env={"NOTIFY_SOCKET": path}) for _ in range(40)]
     assert sent[0] and not all(sent)   # the queue filled up; later sends gave up quickly
+
+
+# -- crash at every step, then restart: exactly one row per file --------------------------------
+class Crash(BaseException):
+    """A simulated SIGKILL/power cut: escapes every ``except Exception``."""
+
+
+def _daemon(tmp_path, batch_size=4):
+    from watcher.daemon import Daemon
+
+    settings = _settings(tmp_path, f"""
+[paths]
+inbox = "{tmp_path / 'inbox'}"
+outbox = "{tmp_path / 'outbox'}"
+[watcher]
+settle_ms = 0
+max_wait_ms = 0
+batch_size = {batch_size}
+""")
+    return Daemon(settings, watcher_settings(settings), once=True, classifier=FakeClassifier())
+
+
+def _drop_inputs(inbox: Path) -> set[str]:
+    from engine.results import printable
+
+    inbox.mkdir(exist_ok=True)
+    (inbox / "sub").mkdir()
+    names = {}
+    for i in range(7):
+        names[f"good{i}.jpg" if i % 2 else f"sub/good{i}.jpg"] = b"IMG-%d" % i
+    names["bad.jpg"] = b"not an image"
+    names["empty.jpg"] = b""
+    for rel, data in names.items():
+        (inbox / rel).write_bytes(data)
+    os.symlink("/etc/hostname", inbox / "link.jpg")
+    raw = os.path.join(os.fsencode(inbox), b"caf\xe9 \xff.jpg")   # not UTF-8
+    with open(raw, "wb") as fh:
+        fh.write(b"IMG-latin1")
+    return {*names, "link.jpg", printable(os.fsdecode(b"caf\xe9 \xff.jpg"))}
+
+
+def _counter(fn, nth, when=lambda *a, **k: True):
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        if when(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == nth:
+                raise Crash(f"crash at call {nth} of {fn.__name__}")
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def _partial_append(original):
+    calls = {"n": 0}
+
+    def append(self, results):
+        calls["n"] += 1
+        size = self.path.stat().st_size if self.path.exists() else 0
+        count = original(self, results)
+        if calls["n"] == 2:          # the second commit is cut in the middle of its bytes
+            new = self.path.stat().st_size
+            os.truncate(self.path, size + (new - size) // 2)
+            raise Crash("power cut during the CSV write")
+        return count
+    return append
+
+
+def _in_processing(path, *a, **k) -> bool:
+    return ".pawcam-processing" in os.fsdecode(path)
+
+
+CRASH_POINTS = ["manifest", "claim_rename", "before_commit", "partial_commit", "after_commit",
+                "mid_finalize", "between_link_and_unlink", "before_manifest_drop"]
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_crash_at_any_step_then_restart_gives_exactly_one_row_per_file(tmp_path, monkeypatch,
+                                                                        point):
+    import watcher.spool as spool_mod
+    from engine.results import printable
+    from watcher.daemon import Daemon
+
+    expected = _drop_inputs(tmp_path / "inbox")
+    if point == "manifest":
+        monkeypatch.setattr(spool_mod, "write_atomic", _counter(
+            spool_mod.write_atomic, 2, lambda p, *a, **k: p.name.startswith("batch-")))
+    elif point == "claim_rename":
+        monkeypatch.setattr(os, "rename", _counter(
+            os.rename, 6, lambda s, d, *a, **k: _in_processing(d)))
+    elif point == "before_commit":
+        monkeypatch.setattr(ResultsCsv, "append", _counter(ResultsCsv.append, 2))
+    elif point == "partial_commit":
+        monkeypatch.setattr(ResultsCsv, "append", _partial_append(ResultsCsv.append))
+    elif point == "after_commit":
+        monkeypatch.setattr(Spool, "finalize", _counter(Spool.finalize, 5))
+    elif point == "mid_finalize":
+        monkeypatch.setattr(Spool, "finalize", _counter(Spool.finalize, 6))
+    elif point == "between_link_and_unlink":
+        monkeypatch.setattr(os, "unlink", _counter(os.unlink, 6, _in_processing))
+    elif point == "before_manifest_drop":
+        monkeypatch.setattr(Spool, "drop_manifest", _counter(Spool.drop_manifest, 2))
+    monkeypatch.setattr(Daemon, "_shutdown", lambda self: None)   # a crash cleans nothing up
+
+    old = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    first = _daemon(tmp_path)
+    try:
+        with pytest.raises(Crash):
+            first.run()
+    finally:
+        os.close(first._lock_fd)
+        first.pool.shutdown(wait=True)
+        monkeypatch.undo()
+        signal.signal(signal.SIGINT, old[0])
+        signal.signal(signal.SIGTERM, old[1])
+    rows_before = len(ResultsCsv(tmp_path / "outbox/results.csv", ("cat", "dog")).job_ids())
+
+    assert _run_once(tmp_path) == 0                      # the restart
+
+    import csv as _csv
+    with open(tmp_path / "outbox/results.csv", newline="", encoding="utf-8") as fh:
+        rows = list(_csv.DictReader(fh))
+    names = [r["input_path"] for r in rows]
+    assert sorted(names) == sorted(expected), point       # exactly once each
+    assert len({r["job_id"] for r in rows}) == len(rows)
+    assert rows_before < len(rows) or point == "before_manifest_drop"
+    sp = _spool(tmp_path)
+    assert _left(sp) == []
+    for folder, dirs, files in os.walk(tmp_path / "inbox"):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        assert files == [], (point, folder, files)
+    moved = []
+    for root in ("processed", "failed"):
+        for folder, _, files in os.walk(tmp_path / "outbox" / root):
+            moved += [os.path.relpath(os.path.join(folder, f), tmp_path / "outbox" / root)
+                      for f in files if not f.endswith(".error.txt")]
+    assert sorted(printable(m) for m in moved) == sorted(expected), point   # no copies either
+    ok = {r["input_path"] for r in rows if r["status"] == "ok"}
+    assert len(ok) == 8 and "link.jpg" not in ok
+
+
+def test_fit_name_and_flattened_fallback(tmp_path):
+    from watcher.spool import fit_name
+
+    long = "x" * 300 + ".jpeg"
+    assert len(os.fsencode(fit_name(long, 240))) <= 240 and fit_name(long, 240).endswith(".jpeg")
+    assert fit_name("short.jpg", 240) == "short.jpg"
+    sp = _spool(tmp_path)
+    (sp.processed).mkdir(parents=True)
+    (sp.processed / "sub").write_bytes(b"a file where a folder would go")
+    (sp.inbox / "sub").mkdir()
+    (sp.inbox / "sub" / ("y" * 250 + ".jpg")).write_bytes(b"IMG")
+    batch = sp.claim("b1", [("j1", "sub/" + "y" * 250 + ".jpg", 0.0)])
+    where = Path(sp.finalize(batch.items[0], ok=True))
+    assert where.parent == sp.processed and where.name.startswith("sub__yyy")
+
+
+def test_one_daemon_per_inbox(tmp_path):
+    sp = _spool(tmp_path)
+    fd = sp.lock()
+    try:
+        with pytest.raises(BlockingIOError, match=str(os.getpid())):
+            _spool(tmp_path).lock()
+    finally:
+        os.close(fd)
+    os.close(_spool(tmp_path).lock())

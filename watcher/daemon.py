@@ -78,6 +78,7 @@ class Daemon:
         self.spool: Spool | None = None
         self.csv: ResultsCsv | None = None
         self._next_rescan = 0.0
+        self._lock_fd: int | None = None
 
     # -- ids ----------------------------------------------------------------------------------
     def new_job_id(self) -> str:
@@ -100,6 +101,10 @@ class Daemon:
         self.spool = Spool(self.inbox, processing, self.outbox / self.wcfg.processed_dir,
                            self.outbox / self.wcfg.failed_dir,
                            delete_on_success=self.wcfg.on_success == "delete")
+        try:
+            self._lock_fd = self.spool.lock()
+        except BlockingIOError as exc:
+            raise PawcamError(f"{exc}: {self.inbox}; stop it first (one daemon per inbox)") from exc
 
     def _install_signals(self) -> None:
         def request_stop(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -477,6 +482,9 @@ class Daemon:
             if self.observer is not None:
                 self.observer.join(timeout=2)
             self._write_state("stopped")
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
             log.info("stopped: %d processed (%d ok, %d failed) since %s", self.status.processed,
                      self.status.ok, self.status.failed, self.status.started)
 

@@ -99,7 +99,14 @@ def start_observer(inbox: str, kind: str, poll_seconds: float,
 
             log.info("inotify unavailable (%s); using the platform's default observer", exc)
             observer = Observer()
-    observer.schedule(handler, inbox, recursive=True, event_filter=EVENTS)
-    observer.daemon = True
-    observer.start()
+    try:
+        observer.schedule(handler, inbox, recursive=True, event_filter=EVENTS)
+        observer.daemon = True
+        observer.start()
+    except OSError as exc:  # e.g. inotify watch limit (fs.inotify.max_user_watches) reached
+        if kind == "polling":
+            raise
+        log.warning("cannot watch %s natively (%s); falling back to the polling observer",
+                    inbox, exc)
+        return start_observer(inbox, "polling", poll_seconds, notices)
     return observer

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterable
 
 from engine.results import printable
-from watcher.policy import free_name
+from watcher.policy import free_name, numbered_name
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ MANIFEST_PREFIX = "batch-"
 MANIFEST_SUFFIX = ".json"
 TMP_PREFIX = ".tmp-"
 SIDECAR_SUFFIX = ".error.txt"
+LOCK_NAME = ".lock"
 
 
 def shown(rel: str) -> str:
@@ -111,20 +112,53 @@ def rename_noreplace(src: Path, dst: Path) -> None:
     os.rename(src, dst)
 
 
+NAME_MAX = 255
+
+
+def fit_name(name: str, limit: int) -> str:
+    """``name`` cut to at most ``limit`` bytes (file systems allow 255), keeping a short suffix,
+    so that `` (12)`` and ``.error.txt`` still fit."""
+    raw = os.fsencode(name)
+    if len(raw) <= limit:
+        return name
+    dot = name.rfind(".")
+    suffix = name[dot:] if 0 < dot and len(os.fsencode(name[dot:])) <= 16 else ""
+    stem = os.fsencode(name[:len(name) - len(suffix)])[:limit - len(os.fsencode(suffix))]
+    return os.fsdecode(stem) + suffix
+
+
+def _same_file(a: Path, st) -> bool:
+    try:
+        other = os.lstat(a)
+    except OSError:
+        return False
+    return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
+
+
 def move_no_clobber(src: Path, folder: Path, name: str, also_free: Iterable[str] = ()) -> Path:
     """Move ``src`` (a file or a symlink, never followed) into ``folder`` as ``name``, or
     ``name (1)``, ``name (2)`` ... so that nothing is ever overwritten. Works across file
     systems (copy, fsync, rename, unlink). ``also_free``: suffixes that must be free too
-    (the failure sidecar)."""
+    (the failure sidecar). Idempotent after a crash between link and unlink: a name that is
+    already this very file is reused."""
     folder.mkdir(parents=True, exist_ok=True)
     suffixes = tuple(also_free)
+    name = fit_name(name, NAME_MAX - 6 - max((len(x) for x in suffixes), default=0))
+    st = os.lstat(src)
 
     def taken(candidate: str) -> bool:
         return any(os.path.lexists(folder / (candidate + s)) for s in ("", *suffixes))
 
     use_link = True
+    n = 0
     while True:
-        dst = folder / free_name(name, taken)
+        dst = folder / numbered_name(name, n)
+        if _same_file(dst, st):             # linked before a crash, not yet unlinked
+            os.unlink(src)
+            return dst
+        if taken(dst.name):
+            n += 1
+            continue
         try:
             if use_link:
                 # link + unlink rather than rename: the inbox watch then sees a deletion, not an
@@ -141,7 +175,8 @@ def move_no_clobber(src: Path, folder: Path, name: str, also_free: Iterable[str]
                 rename_noreplace(src, dst)
             return dst
         except FileExistsError:
-            continue  # lost a race with ourselves? pick the next name
+            n += 1
+            continue  # lost a race? the next name
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
@@ -206,6 +241,23 @@ class Spool:
         self.delete_on_success = delete_on_success
         processing.mkdir(exist_ok=True)
 
+    def lock(self) -> int:
+        """Take the inbox for this process (flock on the processing area's lock file); a second
+        daemon on the same inbox would take over files this one is working on. Returns the fd
+        to keep open; raises BlockingIOError with the holder's pid in the message."""
+        import fcntl
+
+        fd = os.open(self.processing / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise BlockingIOError(f"another pawcam watch (pid {holder}) is using this inbox")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
     # -- claim --------------------------------------------------------------------------------
     def claim(self, batch_id: str, entries: list[tuple[str, str, float]]) -> ClaimedBatch:
         """Claim ``(job_id, rel, ready_at)`` entries: manifest first (fsync'ed), then renames.
@@ -263,17 +315,27 @@ class Spool:
     # -- finalize -----------------------------------------------------------------------------
     def finalize(self, item: Item, ok: bool, error: str = "") -> str:
         """After the commit: move (or delete) the claimed file; returns where it went."""
+        if ok and self.delete_on_success:
+            try:
+                os.unlink(item.path)
+            except FileNotFoundError:
+                pass
+            return "deleted"
+        root = self.processed if ok else self.failed
+        suffixes = () if ok else (SIDECAR_SUFFIX,)
         rel_parent, _, name = item.rel.rpartition("/")
+        try:
+            dst = move_no_clobber(item.path, root / rel_parent, name, suffixes)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO):
+                raise
+            # e.g. processed/sub is a file from an earlier drop named "sub": flatten the path
+            flat = item.rel.replace("/", "__")
+            log.info("cannot place %s under %s (%s); using %s", shown(item.rel), root,
+                     exc.strerror or exc, shown(flat))
+            dst = move_no_clobber(item.path, root, flat, suffixes)
         if ok:
-            if self.delete_on_success:
-                try:
-                    os.unlink(item.path)
-                except FileNotFoundError:
-                    pass
-                return "deleted"
-            dst = move_no_clobber(item.path, self.processed / rel_parent, name)
             return str(dst)
-        dst = move_no_clobber(item.path, self.failed / rel_parent, name, (SIDECAR_SUFFIX,))
         text = (f"{printable(item.rel)}\n"
                 f"job_id: {item.job_id}\n"
                 f"error: {printable(error) or 'unknown error'}\n")
@@ -296,6 +358,8 @@ class Spool:
         data: set[str] = set()
         for entry in sorted(os.listdir(self.processing)):
             path = self.processing / entry
+            if entry == LOCK_NAME:
+                continue
             if entry.startswith(TMP_PREFIX):
                 os.unlink(path)
             elif entry.startswith(MANIFEST_PREFIX) and entry.endswith(MANIFEST_SUFFIX):
