@@ -35,7 +35,7 @@ from watcher.config import WatcherSettings
 from watcher.observer import COMPLETE, DIR, DIR_GONE, Notice, start_observer
 from watcher.policy import Tracker, is_ignored, signature
 from watcher.sdnotify import Notifier
-from watcher.spool import ClaimedBatch, Item, Spool, csv_outcomes, shown
+from watcher.spool import ClaimedBatch, Spool, csv_outcomes, fsync_dir, fsync_file, shown
 from watcher.status import Status
 
 log = logging.getLogger("pawcam.watch")
@@ -334,8 +334,7 @@ class Daemon:
             for job, d in zip(jobs, decoded):
                 if isinstance(d, DecodedImage):
                     cam = None if cams is None else cams[k]
-                    slots.append(self.pool.submit(self.clf.finish, job, d, probs[k], cam,
-                                                  self.outbox))
+                    slots.append(self.pool.submit(self._finish, job, d, probs[k], cam))
                     k += 1
                 else:
                     slots.append(self.clf.error_result(job, d))
@@ -344,6 +343,17 @@ class Daemon:
             reason = f"internal error while classifying ({type(exc).__name__}: {exc})"
             slots = [self.clf.error_result(job, reason) for job in jobs]
         self.finishing.append((batch, slots, t0))
+
+    def _finish(self, job, image, probs, cam) -> Result:
+        """Pictures + row (pool thread); the pictures are flushed to disk before the commit so
+        that a committed row never points at pictures lost in a power cut."""
+        result = self.clf.finish(job, image, probs, cam, self.outbox)
+        for rel in result.pictures.values():
+            try:
+                fsync_file(self.outbox / rel)
+            except OSError:
+                pass
+        return result
 
     def _flush(self, keep: int) -> None:
         """Commit finished batches (all but ``keep``): rows first, then move the files."""
@@ -361,6 +371,8 @@ class Daemon:
                             job, f"internal error while writing results ({type(exc).__name__}: "
                                  f"{exc})")
                 results.append(slot)
+            for folder in {(self.outbox / p).parent for r in results for p in r.pictures.values()}:
+                fsync_dir(folder)
             self.csv.append(results)  # THE COMMIT: one write + fsync
             self._finalize(batch, results, t0)
 

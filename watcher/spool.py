@@ -58,6 +58,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a written file to disk (open read-only + fsync works on Linux)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
     """Write ``path`` via a temp file in the same folder + rename: readers never see half."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
@@ -170,6 +179,7 @@ def move_no_clobber(src: Path, folder: Path, name: str, also_free: Iterable[str]
                         raise
                     use_link = False  # not the owner (protected_hardlinks), no hard links, ...
                     continue
+                fsync_dir(folder)   # the new name is durable before the old one goes
                 os.unlink(src)
             else:
                 rename_noreplace(src, dst)
