@@ -103,3 +103,15 @@ def test_stratified_split_is_seeded_and_stratified():
     assert va.tolist() == va2.tolist() and tr.tolist() == tr2.tolist()
     assert np.bincount(labels[va]).tolist() == [5, 3]
     assert sorted(np.r_[tr, va].tolist()) == list(range(80))
+
+
+def test_prior_keeps_temperature_sane_when_calibration_set_has_no_real_errors():
+    # 199 confident right answers and one mistake on the boundary: plain NLL wants t -> 0
+    rng = np.random.default_rng(2)
+    y = np.r_[np.ones(100, int), np.zeros(100, int)]
+    z = np.where(y == 1, 1, -1) * rng.uniform(4, 12, 200)
+    z[0] = -0.02
+    plain = calibration.fit_temperature(z, y)
+    t = calibration.fit_temperature(z, y, prior_sigma=1.0)
+    assert plain < 0.5 and plain < t < 1.0
+    # with many real mistakes the prior hardly matters (see the over-confident case above)

@@ -42,7 +42,7 @@ class TrainingSettings:
     head_patience: int = 4
     # -- phase 2: fine-tune the top of the backbone ----------------------------------------
     fine_tune_epochs: int = 6
-    fine_tune_learning_rate: float = 3e-5
+    fine_tune_learning_rate: float = 1e-5
     fine_tune_from: str = "block_13_expand"
     fine_tune_patience: int = 2
     # -- augmentation (phase 2; phase 1 uses horizontal flips only) ----------------------

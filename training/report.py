@@ -59,7 +59,8 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path) -> bool:
         for i in range(1, len(phases)):
             if phases[i] != phases[i - 1]:
                 ax.axvline(i + 0.5, color="gray", lw=0.8, ls=":")
-                ax.text(i + 0.6, ax.get_ylim()[1], " fine-tune", va="top", fontsize=8, color="gray")
+                ax.text(i + 0.6, ax.get_ylim()[0], " fine-tune", va="bottom", fontsize=8,
+                        color="gray")
         ax.set_xlabel("epoch (head, then fine-tune)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -204,7 +205,8 @@ def render_card(model_path: Path, meta: ModelMeta, data: dict[str, Any],
         + ", one flat Keras graph; Grad-CAM explains layer "
         f"`{meta.target_layer or 'auto'}`. Trained with `pawcam train` in two phases: the head "
         "on the frozen backbone, then the top blocks fine-tuned at a low learning rate with "
-        "BatchNorm in inference mode. Confidences are temperature-scaled on the validation split.",
+        "BatchNorm in inference mode (a phase is kept only if it lowers the validation loss). "
+        "Confidences are temperature-scaled (see Training below).",
         "",
         f"## Evaluation on `{_short(data['split_dir'])}` (through the engine, as served)",
         "",
@@ -266,12 +268,17 @@ def render_card(model_path: Path, meta: ModelMeta, data: dict[str, Any],
             f"head {t.get('head_seconds', 0):.0f} s, fine-tune {t.get('fine_tune_seconds', 0):.0f} s, "
             f"calibration {t.get('calibration_seconds', 0):.0f} s) on {ex.get('machine', '?')}; "
             "evaluation not included",
-            f"- validation ECE before/after calibration: {ex.get('val_ece_before', float('nan')):.4f} / "
-            f"{ex.get('val_ece_after', float('nan')):.4f} (T = {meta.temperature:.4f})",
+            f"- calibration: T = {meta.temperature:.4f} fitted on "
+            f"{ex.get('calibration', {}).get('images', '?')} images "
+            f"({ex.get('calibration', {}).get('method', 'validation split')}; "
+            f"{ex.get('calibration', {}).get('errors', '?')} of them misclassified); ECE there "
+            f"before/after: {ex.get('val_ece_before', float('nan')):.4f} / "
+            f"{ex.get('val_ece_after', float('nan')):.4f}",
             f"- versions: {', '.join(f'{k} {v}' for k, v in ex.get('versions', {}).items())}",
             f"- seeds: {ex.get('seed')} (Python, NumPy, TensorFlow via keras.utils.set_random_seed; "
-            "the split and the shuffling use it too). Multi-threaded CPU kernels are not bit-exact, "
-            "so a rerun can differ in the last digits.",
+            "the split, the shuffling and the augmentation use it too). Multi-threaded CPU "
+            "kernels are not bit-exact, so a rerun gives slightly different weights (early "
+            "stopping can then pick another epoch) and metrics that differ by a few test images.",
             "",
             "Settings (`[training]`):",
             "",
@@ -287,8 +294,11 @@ def render_card(model_path: Path, meta: ModelMeta, data: dict[str, Any],
               "- Trained on photos of " + " and ".join(names) + " only: any other picture still "
               "gets one of these labels; the engine's `uncertain_below` band flags low "
               "confidence but not out-of-distribution inputs.",
-              "- Calibration was fitted on a small validation split; ECE on other photo sources "
-              "may be higher.", ""]
+              "- The temperature was fitted on photos from the same source as the training set; "
+              "on other photo sources (phone cameras, drawings, night shots) confidences may be "
+              "less well calibrated.",
+              "- Timings were measured on a 2-core machine shared with other work, so they are "
+              "noisy.", ""]
     return "\n".join(lines)
 
 
