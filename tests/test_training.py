@@ -62,6 +62,7 @@ def binary_run(tmp_path_factory):
     (data / "train" / "dog" / "notes.jpg").write_text("this is not a picture\n")
     good = (data / "train" / "dog" / "dog_000.jpg").read_bytes()
     (data / "train" / "dog" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (data / "test" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff")  # JPEG header only
     cfg = write_config(tmp)
     run = tmp / "run1"
     rc = pawcam(["train", "--config", str(cfg), "--data", str(data), "--run-dir", str(run)])
@@ -110,6 +111,32 @@ def test_corrupt_files_are_skipped_and_reported(binary_run):
                        "truncated.jpg": "corrupt_image"}
     card = (run / "model.md").read_text()
     assert "empty.jpg" in card and "truncated.jpg" in card
+    # a broken test photo is left out of the metrics and listed by the evaluation
+    ev = json.loads((run / "model_report" / "evaluation.json").read_text())
+    assert [Path(s["path"]).name for s in ev["skipped"]] == ["broken.jpg"]
+    assert ev["metrics"]["n"] == 12 and "broken.jpg" in card
+
+
+def test_fine_tuning_unfreezes_top_blocks_with_batchnorm_frozen():
+    import keras
+
+    from training.model import backbone_layers, build_model, check_flat, set_backbone_trainable
+
+    model = build_model(2, (32, 32), alpha=0.35, weights=None)
+    check_flat(model)
+    layers = backbone_layers(model)
+    assert layers[0].name == "Conv1" and layers[-1].name == "out_relu"
+    assert set_backbone_trainable(model, False) == 0
+    assert not any(layer.trainable for layer in layers)
+    set_backbone_trainable(model, True, "block_15_expand")
+    names = [layer.name for layer in layers]
+    start = names.index("block_15_expand")
+    for i, layer in enumerate(layers):
+        is_bn = isinstance(layer, keras.layers.BatchNormalization)
+        assert layer.trainable == (i >= start and not is_bn), layer.name
+    assert model.get_layer("classifier").trainable
+    with pytest.raises(ConfigError, match="fine_tune_from"):
+        set_backbone_trainable(model, True, "block_99_expand")
 
 
 def test_engine_loads_trained_model_and_predicts(binary_run):
@@ -125,8 +152,11 @@ def test_engine_loads_trained_model_and_predicts(binary_run):
     files = sorted((data / "test").rglob("*.jpg"))
     jobs = [Job(f, f.name, f"t{i}") for i, f in enumerate(files)]
     results = clf.process(jobs, out_dir=run / "predict_out")
-    assert len(results) == len(files) and all(r.status != "error" for r in results)
-    probs = np.array([[r.probabilities["cat"], r.probabilities["dog"]] for r in results])
+    assert len(results) == len(files)
+    bad = [r for r in results if r.status == "error"]
+    assert [r.input_path for r in bad] == ["broken.jpg"]
+    good = [r for r in results if r.status != "error"]
+    probs = np.array([[r.probabilities["cat"], r.probabilities["dog"]] for r in good])
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
 
 

@@ -237,6 +237,10 @@ def render_card(model_path: Path, meta: ModelMeta, data: dict[str, Any],
     for title, f in plots.items():
         lines.append(f"![{title}]({rel}/{f})")
         lines.append("")
+    if data.get("skipped"):
+        lines += ["Files of this set that could not be read (not counted above):", ""]
+        lines += [f"- `{s['path']}`: {s['message']} ({s['code']})" for s in data["skipped"][:50]]
+        lines.append("")
     wrong = data["most_confidently_wrong"]
     lines += ["## Most confidently wrong", ""]
     if wrong:
