@@ -58,6 +58,11 @@ def decide(probs: np.ndarray, index: int, class_names: Sequence[str],
     return label, confidence
 
 
+def format_confidence(confidence: float) -> str:
+    """``0.9731`` -> ``97.3%``; never claims certainty: ``0.99997`` -> ``>99.9%``."""
+    return ">99.9%" if confidence > 0.999 else f"{confidence:.1%}"
+
+
 class Classifier:
     """A loaded model plus the settings that say how to run it and what to write."""
 
@@ -141,7 +146,7 @@ class Classifier:
         folder.mkdir(parents=True, exist_ok=True)
         base = image.preview if image.preview is not None else image.model_input
         size = base.shape[:2]
-        caption = f"{label} {confidence:.1%}" if g.annotate else ""
+        caption = f"{label} {format_confidence(confidence)}" if g.annotate else ""
         makers = {
             "gray": lambda: attention_gray(cam, size),
             "heatmap": lambda: heatmap(cam, size, g.colormap),
