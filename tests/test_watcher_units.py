@@ -144,9 +144,10 @@ def _settings(tmp_path, text):
     return load_settings(cfg)
 
 
-def test_documented_config_section_matches_the_defaults(tmp_path):
-    section = Path(__file__).resolve().parents[1] / "watcher" / "config_section.toml"
-    settings = _settings(tmp_path, section.read_text(encoding="utf-8"))
+def test_documented_config_section_matches_the_defaults():
+    """The [watcher] section of the project's config.toml documents the built-in defaults."""
+    settings = load_settings(Path(__file__).resolve().parents[1] / "config.toml")
+    assert settings.extra_sections["watcher"], "config.toml lacks a [watcher] section"
     assert watcher_settings(settings) == WatcherSettings()
 
 
