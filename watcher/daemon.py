@@ -35,7 +35,8 @@ from watcher.config import WatcherSettings
 from watcher.observer import COMPLETE, DIR, DIR_GONE, Notice, start_observer
 from watcher.policy import Tracker, is_ignored, signature
 from watcher.sdnotify import Notifier
-from watcher.spool import ClaimedBatch, Spool, csv_outcomes, fsync_dir, fsync_file, shown
+from watcher.spool import (ClaimedBatch, Spool, complete_moves, csv_outcomes, fsync_dir,
+                           fsync_file, shown)
 from watcher.status import Status
 
 log = logging.getLogger("pawcam.watch")
@@ -379,9 +380,10 @@ class Daemon:
     def _finalize(self, batch: ClaimedBatch, results: list[Result], t0: float | None) -> None:
         all_moved = True
         ok = failed = 0
+        deferred: list = []
         for item, r in zip(batch.items, results):
             try:
-                where = self.spool.finalize(item, r.ok, r.error)
+                where = self.spool.finalize(item, r.ok, r.error, deferred)
             except OSError as exc:
                 all_moved = False
                 where = f"(left in processing area, {exc.strerror or exc}; moved at next start)"
@@ -395,6 +397,11 @@ class Daemon:
                 failed += 1
                 log.warning("failed %s: %s -> %s [%s]", shown(item.rel), printable(r.error),
                             where, item.job_id)
+        try:
+            complete_moves(deferred)
+        except OSError as exc:
+            all_moved = False
+            log.error("cannot finish moving the batch's files: %s (done at the next start)", exc)
         if all_moved:
             self.spool.drop_manifest(batch)
         s = self.status

@@ -144,12 +144,15 @@ def _same_file(a: Path, st) -> bool:
     return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
 
 
-def move_no_clobber(src: Path, folder: Path, name: str, also_free: Iterable[str] = ()) -> Path:
+def move_no_clobber(src: Path, folder: Path, name: str, also_free: Iterable[str] = (),
+                    deferred: list[tuple[Path, Path]] | None = None) -> Path:
     """Move ``src`` (a file or a symlink, never followed) into ``folder`` as ``name``, or
     ``name (1)``, ``name (2)`` ... so that nothing is ever overwritten. Works across file
     systems (copy, fsync, rename, unlink). ``also_free``: suffixes that must be free too
     (the failure sidecar). Idempotent after a crash between link and unlink: a name that is
-    already this very file is reused."""
+    already this very file is reused. With ``deferred`` (a list), a hard-linked ``src`` is not
+    unlinked yet: ``(src, dst)`` is appended for :func:`complete_moves`, which makes a whole
+    batch's new names durable with one fsync per folder before unlinking the old ones."""
     folder.mkdir(parents=True, exist_ok=True)
     suffixes = tuple(also_free)
     name = fit_name(name, NAME_MAX - 6 - max((len(x) for x in suffixes), default=0))
@@ -163,7 +166,10 @@ def move_no_clobber(src: Path, folder: Path, name: str, also_free: Iterable[str]
     while True:
         dst = folder / numbered_name(name, n)
         if _same_file(dst, st):             # linked before a crash, not yet unlinked
-            os.unlink(src)
+            if deferred is not None:
+                deferred.append((src, dst))
+            else:
+                os.unlink(src)
             return dst
         if taken(dst.name):
             n += 1
@@ -179,8 +185,11 @@ def move_no_clobber(src: Path, folder: Path, name: str, also_free: Iterable[str]
                         raise
                     use_link = False  # not the owner (protected_hardlinks), no hard links, ...
                     continue
-                fsync_dir(folder)   # the new name is durable before the old one goes
-                os.unlink(src)
+                if deferred is not None:
+                    deferred.append((src, dst))
+                else:
+                    fsync_dir(folder)   # the new name is durable before the old one goes
+                    os.unlink(src)
             else:
                 rename_noreplace(src, dst)
             return dst
@@ -191,6 +200,18 @@ def move_no_clobber(src: Path, folder: Path, name: str, also_free: Iterable[str]
             if exc.errno != errno.EXDEV:
                 raise
             return _copy_across(src, folder, name, taken)
+
+
+def complete_moves(deferred: list[tuple[Path, Path]]) -> None:
+    """Finish deferred link-moves: fsync each destination folder once, then unlink sources."""
+    for folder in {dst.parent for _, dst in deferred}:
+        fsync_dir(folder)
+    for src, _ in deferred:
+        try:
+            os.unlink(src)
+        except FileNotFoundError:
+            pass
+    deferred.clear()
 
 
 def _copy_across(src: Path, folder: Path, name: str, taken) -> Path:
@@ -323,8 +344,10 @@ class Spool:
             pass
 
     # -- finalize -----------------------------------------------------------------------------
-    def finalize(self, item: Item, ok: bool, error: str = "") -> str:
-        """After the commit: move (or delete) the claimed file; returns where it went."""
+    def finalize(self, item: Item, ok: bool, error: str = "",
+                 deferred: list[tuple[Path, Path]] | None = None) -> str:
+        """After the commit: move (or delete) the claimed file; returns where it went.
+        ``deferred``: see :func:`move_no_clobber` (then call :func:`complete_moves`)."""
         if ok and self.delete_on_success:
             try:
                 os.unlink(item.path)
@@ -335,7 +358,7 @@ class Spool:
         suffixes = () if ok else (SIDECAR_SUFFIX,)
         rel_parent, _, name = item.rel.rpartition("/")
         try:
-            dst = move_no_clobber(item.path, root / rel_parent, name, suffixes)
+            dst = move_no_clobber(item.path, root / rel_parent, name, suffixes, deferred)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO):
                 raise
@@ -343,7 +366,7 @@ class Spool:
             flat = item.rel.replace("/", "__")
             log.info("cannot place %s under %s (%s); using %s", shown(item.rel), root,
                      exc.strerror or exc, shown(flat))
-            dst = move_no_clobber(item.path, root, flat, suffixes)
+            dst = move_no_clobber(item.path, root, flat, suffixes, deferred)
         if ok:
             return str(dst)
         text = (f"{printable(item.rel)}\n"
