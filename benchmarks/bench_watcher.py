@@ -84,6 +84,15 @@ def write_config(tmp: Path, model: Path, max_wait_ms: int, settle_ms: int) -> Pa
     return cfg
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU time of a process (this one by default): a load-independent figure."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_daemon(cfg: Path) -> tuple[subprocess.Popen, float]:
     log = open(cfg.parent / "daemon.log", "wb")
     t0 = time.perf_counter()
@@ -197,12 +206,18 @@ def main() -> None:
         # interleaved rounds: the machine's load drifts, so each daemon burst is compared with
         # a bulk run right before it
         pairs = []
+        n = len(images)
         for r in range(args.rounds):
+            c0 = cpu_seconds()
             rb = bulk(clf, settings, [tmp / "images"], tmp / f"bulk{r}")
+            cb = (cpu_seconds() - c0) / n * 1000
+            c0 = cpu_seconds(proc.pid)
             rw = burst(inbox, csv_path, images, "move", f"move{r}")
+            cw = (cpu_seconds(proc.pid) - c0) / n * 1000
             pairs.append((rw, rb))
-            print(f"(2) round {r + 1}: bulk {rb:.1f} files/s; daemon, {len(images)} files moved "
-                  f"into the inbox at once: {rw:.1f} files/s; ratio {rw / rb:.2f}")
+            print(f"(2) round {r + 1}: bulk {rb:.1f} files/s ({cb:.0f} CPU-ms/file); daemon, {n} "
+                  f"files moved into the inbox at once: {rw:.1f} files/s ({cw:.0f} CPU-ms/file); "
+                  f"ratio {rw / rb:.2f}")
         if args.copy:
             rb = bulk(clf, settings, [tmp / "images"], tmp / "bulk-c")
             rw = burst(inbox, csv_path, images, "copy", "copy")
