@@ -42,6 +42,25 @@ def gradcam_weights(grads: Any, activations: Any) -> Any:
     return tf.reduce_mean(grads, axis=(1, 2))
 
 
+def calibrated_probabilities(logits: np.ndarray, meta: ModelMeta) -> np.ndarray:
+    """Logits (N, 1) or (N, C) -> calibrated probabilities (N, C), in float64.
+
+    Binary: ``[sigmoid(-z/T), sigmoid(z/T)]``, each computed directly so that neither saturates
+    to exactly 0 or 1 early (keeps the ranking of very confident images for ROC curves).
+    """
+    z = np.asarray(logits, dtype=np.float64) / meta.temperature
+    if meta.binary:
+        x = z[:, 0]
+        return np.stack([_sigmoid(-x), _sigmoid(x)], axis=1)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
 def normalize_maps(cams: Any) -> Any:
     """ReLU, then divide each map by its maximum; a map with no positive value becomes zeros."""
     import tensorflow as tf
@@ -162,7 +181,7 @@ class GradCam:
                 f"output ({type(exc).__name__}: {exc}); choose another [gradcam] target_layer or "
                 "disable Grad-CAM") from exc
         self._cam_fn = tf.function(self._cam_step, reduce_retracing=True)
-        self._prob_fn = tf.function(self._prob_step, reduce_retracing=True)
+        self._logit_fn = tf.function(self._logit_step, reduce_retracing=True)
         self._self_check()
         log.debug("Grad-CAM target layer: %s", "/".join(self.target_path))
 
@@ -182,21 +201,17 @@ class GradCam:
             return z
         return head_input  # Activation layer: its input already is the logits
 
-    def _probs_and_scores(self, logits: Any) -> tuple[Any, Any]:
-        """Calibrated probabilities (N, C) and the predicted class's score (N,)."""
+    def _predicted_scores(self, logits: Any) -> Any:
+        """The predicted class's pre-activation score per image (N,)."""
         import tensorflow as tf
 
-        t = tf.constant(self.meta.temperature, logits.dtype)
         if self.meta.binary:
             z = logits[:, 0]
-            p = tf.sigmoid(z / t)
-            positive = p >= tf.constant(self.meta.threshold, p.dtype)
-            score = tf.where(positive, z, -z)
-            return tf.stack([1.0 - p, p], axis=1), score
-        probs = tf.nn.softmax(logits / t, axis=-1)
-        cls = tf.argmax(probs, axis=-1, output_type=tf.int32)
-        score = tf.gather(logits, cls, axis=1, batch_dims=1)
-        return probs, score
+            # P(positive) >= threshold  <=>  z / T >= logit(threshold)
+            cut = self.meta.temperature * float(np.log(self.meta.threshold / (1 - self.meta.threshold)))
+            return tf.where(z >= tf.constant(cut, z.dtype), z, -z)
+        cls = tf.argmax(logits, axis=-1, output_type=tf.int32)  # T > 0 keeps the argmax
+        return tf.gather(logits, cls, axis=1, batch_dims=1)
 
     def _cam_step(self, images: Any) -> tuple[Any, Any]:
         import tensorflow as tf
@@ -204,28 +219,27 @@ class GradCam:
         with tf.GradientTape() as tape:
             acts, head_input = self.features(images, training=False)
             tape.watch(acts)
-            probs, score = self._probs_and_scores(self._logits(head_input))
+            logits = self._logits(head_input)
             # Images are independent in inference mode, so d(sum)/dA_i = d(score_i)/dA_i.
-            total = tf.reduce_sum(score)
+            total = tf.reduce_sum(self._predicted_scores(logits))
         grads = tape.gradient(total, acts)
         weights = self.channel_weights(grads, acts)
         cams = tf.einsum("nhwk,nk->nhw", acts, tf.cast(weights, acts.dtype))
-        return probs, normalize_maps(cams)
+        return logits, normalize_maps(cams)
 
-    def _prob_step(self, images: Any) -> Any:
+    def _logit_step(self, images: Any) -> Any:
         _, head_input = self.features(images, training=False)
-        probs, _ = self._probs_and_scores(self._logits(head_input))
-        return probs
+        return self._logits(head_input)
 
     # -- public --------------------------------------------------------------------------
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``images``: (N, H, W, 3) RGB 0-255. Returns probabilities (N, C) and CAMs (N, h, w)."""
-        probs, cams = self._cam_fn(_as_batch(images))
-        return probs.numpy().astype(np.float64), cams.numpy().astype(np.float32)
+        logits, cams = self._cam_fn(_as_batch(images))
+        return calibrated_probabilities(logits.numpy(), self.meta), cams.numpy().astype(np.float32)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities (N, C), without the gradient pass."""
-        return self._prob_fn(_as_batch(images)).numpy().astype(np.float64)
+        return calibrated_probabilities(self._logit_fn(_as_batch(images)).numpy(), self.meta)
 
     def _self_check(self) -> None:
         """The rebuilt graph must give the model's own output (catches unsupported topologies)."""

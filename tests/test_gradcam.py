@@ -352,3 +352,20 @@ def test_batch_of_n_equals_n_batches_of_one(binary_model, binary_meta):
             np.testing.assert_allclose(m1[0], maps2[i], atol=1e-5)
     finally:
         binary_model.get_layer("head").set_weights(original)
+
+
+def test_calibrated_probabilities_keep_confident_images_apart():
+    """Float64 from logits: a very confident image is not rounded to exactly 1 (ROC ranking)."""
+    from engine.gradcam import calibrated_probabilities
+    from engine.modelio import ModelMeta
+
+    meta = ModelMeta(class_names=("cat", "dog"), temperature=2.0)
+    p = calibrated_probabilities(np.array([[40.0], [46.0], [-40.0], [0.0]], np.float32), meta)
+    assert p[0, 1] < p[1, 1] < 1.0 and p[2, 0] < 1.0
+    assert p[0, 0] == pytest.approx(1 / (1 + np.exp(20.0)), rel=1e-9)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(p[3], [0.5, 0.5])
+    three = ModelMeta(class_names=("a", "b", "c"), temperature=0.5)
+    q = calibrated_probabilities(np.array([[1.0, 2.0, 3.0]]), three)
+    e = np.exp(np.array([2.0, 4.0, 6.0]))
+    np.testing.assert_allclose(q[0], e / e.sum())
