@@ -39,6 +39,8 @@ def write_config(tmp: Path, **overrides) -> Path:
         "fine_tune_epochs": 1, "fine_tune_from": "block_16_expand", "gallery_size": 3,
         "validation_fraction": 0.25, "output_dir": "runs", "install_to": "installed/m.keras",
         "install": "always",
+        # op determinism is process-wide: keep it off so other test modules run as usual
+        "deterministic": False,
     }
     training.update(overrides)
     lines = ["[training]"] + [f"{k} = {json.dumps(v)}" for k, v in training.items()]
@@ -99,7 +101,8 @@ def test_loss_goes_down_and_log_has_both_phases(binary_run):
     rows = read_log(run)
     head = [r for r in rows if r["phase"] == "head"]
     assert len(head) >= 2 and any(r["phase"] == "fine-tune" for r in rows)
-    assert float(head[-1]["loss"]) < float(head[0]["loss"])
+    # a random backbone learns too: BatchNorm statistics come from the data (see model.py)
+    assert float(head[-1]["loss"]) < 0.5 * float(head[0]["loss"])
     assert set(rows[0]) >= {"epoch", "loss", "accuracy", "val_loss", "val_accuracy"}
 
 

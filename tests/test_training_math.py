@@ -115,3 +115,15 @@ def test_prior_keeps_temperature_sane_when_calibration_set_has_no_real_errors():
     t = calibration.fit_temperature(z, y, prior_sigma=1.0)
     assert plain < 0.5 and plain < t < 1.0
     # with many real mistakes the prior hardly matters (see the over-confident case above)
+
+
+def test_install_only_when_better_beyond_noise():
+    from training.train import is_better
+
+    base = {"accuracy": 0.9885, "roc_auc": 0.99830, "log_loss": 0.050}
+    assert is_better({**base, "accuracy": 0.9890}, base)
+    assert not is_better({**base, "accuracy": 0.9880, "roc_auc": 0.9999}, base)
+    assert not is_better({**base, "roc_auc": 0.99834}, base)        # noise
+    assert is_better({**base, "roc_auc": 0.99845}, base)
+    assert not is_better(base, base)
+    assert is_better({**base, "log_loss": 0.045}, base)

@@ -35,6 +35,9 @@ class TrainingSettings:
     # -- data -----------------------------------------------------------------------------
     validation_fraction: float = 0.1
     seed: int = 1337
+    #: TensorFlow deterministic ops (tf.config.experimental.enable_op_determinism): the same
+    #: seed, data and machine give the same model; process-wide once switched on
+    deterministic: bool = True
     batch_size: int = 32
     # -- phase 1: head on the frozen backbone ---------------------------------------------
     head_epochs: int = 30

@@ -137,3 +137,27 @@ def classifier_weights(model: Any):
 
     kernel, bias = model.get_layer("classifier").get_weights()
     return np.asarray(kernel, np.float64), np.asarray(bias, np.float64)
+
+
+def init_batchnorm_statistics(model: Any, images: Any) -> None:
+    """Set every BatchNorm layer's moving mean/variance from one batch of ``images``.
+
+    Only for a randomly initialised backbone (``backbone_weights = "none"``): its BatchNorm
+    layers start with mean 0 / variance 1, and through MobileNetV2's ~50 layers the
+    activations then shrink to ~1e-11, so the frozen backbone of phase 1 outputs nothing the
+    head could learn from. One forward pass in training mode with momentum 0 gives each layer
+    the statistics of real data (a data-dependent initialisation); the weights are unchanged.
+    """
+    import keras
+    import numpy as np
+
+    bns = [layer for layer in backbone_layers(model)
+           if isinstance(layer, keras.layers.BatchNormalization)]
+    saved = [(layer.trainable, layer.momentum) for layer in bns]
+    for layer in bns:
+        layer.trainable, layer.momentum = True, 0.0
+    try:
+        feature_model(model)(np.asarray(images, np.float32), training=True)
+    finally:
+        for layer, (trainable, momentum) in zip(bns, saved):
+            layer.trainable, layer.momentum = trainable, momentum
