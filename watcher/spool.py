@@ -1,4 +1,4 @@
-"""The life of a dropped file on disk: claim, finalize, recover. See watcher/README_SECTION.md.
+"""The life of a dropped file on disk: claim, finalize, recover. See README.md, "Exactly once, across crashes".
 
     inbox/cats/tom.jpg
       -- claim (one fsync'ed manifest per batch, then an atomic rename) -->
