@@ -280,9 +280,14 @@ def render_card(model_path: Path, meta: ModelMeta, data: dict[str, Any],
             f"{ex.get('val_ece_after', float('nan')):.4f}",
             f"- versions: {', '.join(f'{k} {v}' for k, v in ex.get('versions', {}).items())}",
             f"- seeds: {ex.get('seed')} (Python, NumPy, TensorFlow via keras.utils.set_random_seed; "
-            "the split, the shuffling and the augmentation use it too). Multi-threaded CPU "
-            "kernels are not bit-exact, so a rerun gives slightly different weights (early "
-            "stopping can then pick another epoch) and metrics that differ by a few test images.",
+            "the split, the shuffling and the augmentation use it too). "
+            + ("TensorFlow op determinism was on: rerunning `pawcam train` with the same "
+               "settings and data on the same kind of machine gives the same weights (the "
+               "version suffix is a hash of them); another CPU type or TensorFlow version may "
+               "differ in the last digits."
+               if ex.get("settings", {}).get("deterministic") else
+               "Op determinism was off, so a rerun gives slightly different weights (early "
+               "stopping can then pick another epoch) and metrics that differ by a few images."),
             "",
             "Settings (`[training]`):",
             "",
