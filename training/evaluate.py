@@ -11,11 +11,8 @@ recovered from the calibrated ones: for a sigmoid unit ``z = T * logit(p)``, for
 ``z = T * log p`` up to a constant that the softmax ignores; probabilities are clipped at
 1e-12 first, which only affects confidences already indistinguishable from 1.
 
-The engine computes probabilities in float32, so a sigmoid saturates to exactly 0 or 1 once
-``|logit / T|`` passes ~17: such images tie in the ROC ranking (AUC counts a tie as 1/2).
-For the shipped model the engine's ROC-AUC (0.99830) matches the one computed from raw
-float64 logits (0.99833), so this does not matter in practice; a much smaller temperature
-would make it matter.
+The engine computes calibrated probabilities in float64 from the logits, so confident images
+do not saturate to exactly 0 or 1 and the ROC ranking keeps its resolution.
 """
 from __future__ import annotations
 
