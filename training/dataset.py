@@ -116,7 +116,8 @@ def decode_all(files: Sequence[Path], labels: Sequence[int], *, input_size: tupl
             out[i] = load_model_input(files[i], input_size=input_size,
                                       max_pixels=decode.max_image_pixels,
                                       max_bytes=decode.max_file_bytes,
-                                      reduced_jpeg=decode.reduced_jpeg)
+                                      reduced_jpeg=decode.reduced_jpeg,
+                                      reduced_jpeg_min_side=decode.reduced_jpeg_min_side)
             ok[i] = True
             return None
         except ImageError as exc:
