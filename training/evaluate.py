@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.classifier import Classifier, Job
+from engine.classifier import Classifier, Job, format_confidence
 from engine.config import Settings, replace
 from engine.decode import DecodedImage
 from engine.errors import ConfigError
@@ -163,7 +163,7 @@ def evaluate_folder(settings: Settings, loaded: LoadedModel, folder: Path,
     g = settings.gradcam
     for conf, i in wrong[:gallery_size]:
         pi = int(meta.predicted_indices(probs[i:i + 1])[0])
-        caption = f"{meta.class_names[pi]} {conf:.1%} (true {meta.class_names[layout.labels[i]]})"
+        caption = f"{meta.class_names[pi]} {format_confidence(conf)} (true {meta.class_names[layout.labels[i]]})"
         pic = overlay(previews[i], cams[i], alpha=g.overlay_alpha, colormap=g.colormap,
                       caption=caption)
         gallery.append(GalleryItem(jobs[i].display_path, meta.class_names[layout.labels[i]],

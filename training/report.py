@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.classifier import format_confidence
 from engine.modelio import ModelMeta
 from engine.render import safe_stem, write_picture
 
@@ -250,7 +251,7 @@ def render_card(model_path: Path, meta: ModelMeta, data: dict[str, Any],
         for w in wrong:
             pic = f"![]({rel}/{w['overlay']})" if w.get("overlay") else ""
             lines.append(f"| `{w['path']}` | {w['true']} | {w['predicted']} | "
-                         f"{w['confidence']:.1%} | {pic} |")
+                         f"{format_confidence(w['confidence'])} | {pic} |")
     else:
         lines.append("No mistakes on this set.")
     lines += ["", "## Training", ""]

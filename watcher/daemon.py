@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from engine.classifier import format_confidence
 from engine.config import Settings
 from engine.errors import PawcamError
 from engine.results import Result, ResultsCsv, printable, utc_now
@@ -391,8 +392,8 @@ class Daemon:
             where = self._short(where)
             if r.ok:
                 ok += 1
-                log.info("done %s: %s %.1f%% -> %s [%s]", shown(item.rel), r.label,
-                         100 * (r.confidence or 0.0), where, item.job_id)
+                log.info("done %s: %s %s -> %s [%s]", shown(item.rel), r.label,
+                         format_confidence(r.confidence or 0.0), where, item.job_id)
             else:
                 failed += 1
                 log.warning("failed %s: %s -> %s [%s]", shown(item.rel), printable(r.error),
