@@ -43,23 +43,34 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(2)
 
 
-def iter_inputs(paths: Iterable[str | Path], recursive: bool = False) -> Iterator[tuple[Path, bool]]:
+def iter_inputs(paths: Iterable[str | Path], recursive: bool = False,
+                skip_dirs: Iterable[Path] = ()) -> Iterator[tuple[Path, bool]]:
     """Yield ``(path, follow_symlinks)`` for every input file, lazily, in a stable order.
 
     Files named on the command line are taken as given (a symlink named there is followed).
     Inside folders, hidden entries are skipped, entries are sorted per folder, symlinks are
     yielded unfollowed (so they become error rows), and subfolders are entered only with
-    ``recursive`` (never through a symlink). A missing path is yielded too: it gets an error row.
+    ``recursive`` (never through a symlink), except ``skip_dirs`` (the run's own output folder,
+    so its pictures are never fed back in). A missing path is yielded too: it gets an error row.
     """
+    skip = {_identity(Path(d)) for d in skip_dirs} - {None}
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            yield from _walk(path, recursive)
+            yield from _walk(path, recursive, skip)
         else:
             yield path, True
 
 
-def _walk(folder: Path, recursive: bool) -> Iterator[tuple[Path, bool]]:
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _walk(folder: Path, recursive: bool, skip: set) -> Iterator[tuple[Path, bool]]:
     try:
         with os.scandir(folder) as it:
             names = sorted(e.name for e in it if not e.name.startswith("."))
@@ -75,8 +86,8 @@ def _walk(folder: Path, recursive: bool) -> Iterator[tuple[Path, bool]]:
             yield path, False  # vanished: becomes an error row
             continue
         if stat.S_ISDIR(st.st_mode):
-            if recursive:
-                yield from _walk(path, recursive)
+            if recursive and (st.st_dev, st.st_ino) not in skip:
+                yield from _walk(path, recursive, skip)
         else:
             yield path, False
 
@@ -216,12 +227,13 @@ def run_jobs(classifier: Classifier, jobs: Iterable[Job], out_dir: Path, csv_nam
     return summary
 
 
-def count_inputs_in_background(paths: Sequence[str | Path], recursive: bool) -> Callable[[], int | None]:
+def count_inputs_in_background(paths: Sequence[str | Path], recursive: bool,
+                               skip_dirs: Sequence[Path] = ()) -> Callable[[], int | None]:
     """Count the inputs on a daemon thread (for the ETA); the getter returns None until done."""
     box: list[int] = []
 
     def count() -> None:
-        box.append(sum(1 for _ in iter_inputs(paths, recursive)))
+        box.append(sum(1 for _ in iter_inputs(paths, recursive, skip_dirs)))
 
     threading.Thread(target=count, name="pawcam-count", daemon=True).start()
     return lambda: box[0] if box else None
@@ -234,10 +246,13 @@ def run_bulk(paths: Sequence[str | Path], out_dir: Path, settings: Settings, *,
     classifier = classifier or Classifier(settings)
     run_id = new_run_id()
     log.info("run %s: writing to %s", run_id, out_dir)
-    progress = Progress(count_inputs_in_background(paths, recursive)) if show_progress else None
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    skip = [Path(out_dir)]
+    progress = (Progress(count_inputs_in_background(paths, recursive, skip)) if show_progress
+                else None)
     try:
-        return run_jobs(classifier, make_jobs(iter_inputs(paths, recursive), run_id), out_dir,
-                        csv_name, progress)
+        return run_jobs(classifier, make_jobs(iter_inputs(paths, recursive, skip), run_id),
+                        out_dir, csv_name, progress)
     finally:
         if progress:
             progress.close()

@@ -158,3 +158,16 @@ def test_help_everywhere(tmp_path):
     assert r.returncode == 0 and "predict" in r.stdout
     r = pawcam("predict", "--help", cwd=tmp_path)
     assert r.returncode == 0 and "--recursive" in r.stdout and "Exit codes" in r.stdout
+
+
+def test_output_folder_inside_the_input_is_never_fed_back(tmp_path, settings, classifier):
+    src = tmp_path / "photos"
+    write_image(src / "a.jpg", seed=1)
+    write_image(src / "sub" / "b.jpg", seed=2)
+    out = src / "results"
+    for _ in range(2):  # the second run would see the first run's pictures if not skipped
+        summary = run_bulk([src], out, settings, recursive=True, classifier=classifier,
+                           show_progress=False)
+        assert (summary.total, summary.errors) == (2, 0)
+    df = pd.read_csv(out / "predictions.csv")
+    assert sorted(Path(p).name for p in df["input_path"]) == ["a.jpg", "a.jpg", "b.jpg", "b.jpg"]
