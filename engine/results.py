@@ -180,14 +180,27 @@ class ResultsCsv:
             os.close(fd)
         return count
 
-    def job_ids(self) -> set[str]:
-        """Every job_id already in the file."""
-        if not self.path.exists():
-            return set()
+    def outcomes(self, wanted: set[str] | None = None) -> dict[str, tuple[str, str]]:
+        """``job_id -> (status, error)`` for the rows already recorded (only ``wanted`` ids,
+        when given): what exactly-once bookkeeping needs to know about past work."""
+        found: dict[str, tuple[str, str]] = {}
+        if wanted is not None and not wanted or not self.path.exists():
+            return found
         with open(self.path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
             reader = csv.reader(fh)
             header = next(reader, None)
             if not header:
-                return set()
-            idx = header.index("job_id")
-            return {unneutralize(row[idx]) for row in reader if len(row) > idx}
+                return found
+            i_job, i_status, i_error = (header.index(k) for k in ("job_id", "status", "error"))
+            last = max(i_job, i_status, i_error)
+            for row in reader:
+                if len(row) <= last:
+                    continue
+                job = unneutralize(row[i_job])
+                if wanted is None or job in wanted:
+                    found[job] = (row[i_status], unneutralize(row[i_error]))
+        return found
+
+    def job_ids(self) -> set[str]:
+        """Every job_id already in the file."""
+        return set(self.outcomes())
