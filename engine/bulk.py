@@ -4,7 +4,7 @@
     summary.counts      # {'cat': 120, 'dog': 97, 'uncertain': 3}
     summary.errors      # 2
 
-Files are listed lazily (never a whole folder in memory), decoded on a thread pool a few batches
+Files are listed lazily (one folder's names at a time, never the images), decoded on a thread pool a few batches
 ahead, classified a batch at a time, and their pictures rendered and written on the pool while
 the next batch runs on the model. Rows reach ``predictions.csv`` in input order, one durable
 append per batch. Memory is bounded by ``batch_size x (PREFETCH_BATCHES + 2)`` images.
@@ -70,16 +70,31 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _walk(folder: Path, recursive: bool, skip: set) -> Iterator[tuple[Path, bool]]:
-    try:
-        with os.scandir(folder) as it:
-            names = sorted(e.name for e in it if not e.name.startswith("."))
-    except OSError as exc:
-        log.error("cannot list %s: %s", printable(str(folder)), exc.strerror or exc)
-        yield folder, False
-        return
-    for name in names:
-        path = folder / name
+def _walk(top: Path, recursive: bool, skip: set) -> Iterator[tuple[Path, bool]]:
+    """Depth-first, sorted per folder, with an explicit stack (any depth, no recursion limit)."""
+    stack: list[Iterator[str]] = []
+    folders: list[Path] = []
+
+    def enter(folder: Path) -> tuple[Path, bool] | None:
+        try:
+            with os.scandir(folder) as it:
+                names = sorted(e.name for e in it if not e.name.startswith("."))
+        except OSError as exc:
+            log.error("cannot list %s: %s", printable(str(folder)), exc.strerror or exc)
+            return folder, False  # becomes an error row
+        stack.append(iter(names))
+        folders.append(folder)
+        return None
+
+    if (failed := enter(top)) is not None:
+        yield failed
+    while stack:
+        name = next(stack[-1], None)
+        if name is None:
+            stack.pop()
+            folders.pop()
+            continue
+        path = folders[-1] / name
         try:
             st = os.lstat(path)
         except OSError:
@@ -87,7 +102,8 @@ def _walk(folder: Path, recursive: bool, skip: set) -> Iterator[tuple[Path, bool
             continue
         if stat.S_ISDIR(st.st_mode):
             if recursive and (st.st_dev, st.st_ino) not in skip:
-                yield from _walk(path, recursive, skip)
+                if (failed := enter(path)) is not None:
+                    yield failed
         else:
             yield path, False
 
@@ -189,8 +205,9 @@ def run_jobs(classifier: Classifier, jobs: Iterable[Job], out_dir: Path, csv_nam
         if progress:
             progress.update(len(results))
 
-    with ThreadPoolExecutor(classifier.settings.inference.decode_threads,
-                            thread_name_prefix="pawcam-io") as pool:
+    pool = ThreadPoolExecutor(classifier.settings.inference.decode_threads,
+                              thread_name_prefix="pawcam-io")
+    try:
         decoding: deque[tuple[list[Job], list[Future]]] = deque()
         finishing: deque[list[Future]] = deque()
 
@@ -223,6 +240,12 @@ def run_jobs(classifier: Classifier, jobs: Iterable[Job], out_dir: Path, csv_nam
             run_model(*decoding.popleft())
             flush(keep=1)
         flush(keep=0)
+    except BaseException:
+        # Ctrl-C or a failure: drop the queued decodes and pictures instead of waiting for
+        # them; every row recorded so far is already durable in the CSV.
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
     summary.seconds = time.monotonic() - start
     return summary
 

@@ -12,7 +12,6 @@ raises out of :meth:`process`: it becomes an ``error`` result with a clear messa
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -86,15 +85,10 @@ class Classifier:
         d = self.settings.decode
         data = read_file_bytes(job.source, max_bytes=d.max_file_bytes,
                                follow_symlinks=job.follow_symlinks)
-        try:
-            return decode_image(data, input_size=self.meta.input_size,
-                                max_pixels=d.max_image_pixels,
-                                preview_max_side=self.settings.gradcam.max_side if self.outputs else None,
-                                reduced_jpeg=d.reduced_jpeg,
-                                reduced_jpeg_min_side=d.reduced_jpeg_min_side)
-        except ImageError as exc:
-            exc.sha256 = hashlib.sha256(data).hexdigest()  # error rows still identify content
-            raise
+        return decode_image(data, input_size=self.meta.input_size, max_pixels=d.max_image_pixels,
+                            preview_max_side=self.settings.gradcam.max_side if self.outputs else None,
+                            reduced_jpeg=d.reduced_jpeg,
+                            reduced_jpeg_min_side=d.reduced_jpeg_min_side)
 
     def try_decode(self, job: Job) -> DecodedImage | ImageError:
         try:

@@ -26,15 +26,11 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from engine.errors import (CorruptImageError, EmptyFileError, ImageTooLargeError,
+from engine.errors import (CorruptImageError, EmptyFileError, ImageError, ImageTooLargeError,
                            NotAnImageError, UnreadableFileError)
 
 #: Pillow format names we accept; anything else is "not an image" for pawcam
 ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "GIF", "TIFF")
-#: file name suffixes worth picking up when walking folders (content decides, not the suffix)
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".webp",
-                            ".gif", ".tif", ".tiff"})
-
 #: reduced JPEG decoding keeps at least this many pixels on the long side by default
 DEFAULT_REDUCED_MIN_SIDE = 512
 # Our own pixel limit is checked before decoding; Pillow's global one is switched off so that
@@ -116,6 +112,17 @@ def decode_image(data: bytes, *, input_size: tuple[int, int], max_pixels: int,
     if not data:
         raise EmptyFileError("file is empty (0 bytes)")
     sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        return _decode(data, sha256, input_size, max_pixels, preview_max_side, reduced_jpeg,
+                       reduced_jpeg_min_side)
+    except ImageError as exc:
+        exc.sha256 = sha256  # error rows still identify the content
+        raise
+
+
+def _decode(data: bytes, sha256: str, input_size: tuple[int, int], max_pixels: int,
+            preview_max_side: int | None, reduced_jpeg: bool,
+            reduced_jpeg_min_side: int) -> DecodedImage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

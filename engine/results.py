@@ -134,6 +134,11 @@ class ResultsCsv:
         if not self.path.exists() or self.path.stat().st_size == 0:
             return
         raw = self.path.read_bytes()
+        if raw.endswith(b"\r\n") and raw.count(b'"') % 2 == 0:
+            # Fast path (the usual case): quotes balanced and a terminator at the end means the
+            # last record is complete; only the header needs checking.
+            self._check_header(raw[:raw.index(b"\r\n") + 2].decode("utf-8", "surrogateescape"))
+            return
         text = raw.decode("utf-8", "surrogateescape")
         end = last_complete_record_end(text)
         if end != len(text):
@@ -145,6 +150,9 @@ class ResultsCsv:
                 fh.flush()
                 os.fsync(fh.fileno())
             text = text[:end]
+        self._check_header(text)
+
+    def _check_header(self, text: str) -> None:
         if text:
             first = next(csv.reader(io.StringIO(text, newline="")), None)
             if first != self.header:
@@ -170,12 +178,22 @@ class ResultsCsv:
         data = buf.getvalue().encode("utf-8")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
                      0o644)
+        start = os.fstat(fd).st_size
         try:
             view = memoryview(data)
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
             os.fsync(fd)
+        except BaseException:
+            # A short write (disk full, signal) must not leave half a record for the next
+            # append to follow: roll the file back to where this append began.
+            try:
+                os.ftruncate(fd, start)
+                os.fsync(fd)
+            except OSError:  # the repair on next open still cuts a partial *last* record
+                log.error("%s: could not roll back a failed append", self.path)
+            raise
         finally:
             os.close(fd)
         return count

@@ -171,3 +171,34 @@ def test_output_folder_inside_the_input_is_never_fed_back(tmp_path, settings, cl
         assert (summary.total, summary.errors) == (2, 0)
     df = pd.read_csv(out / "predictions.csv")
     assert sorted(Path(p).name for p in df["input_path"]) == ["a.jpg", "a.jpg", "b.jpg", "b.jpg"]
+
+
+def test_deep_folder_trees_are_walked_without_recursion_limits(tmp_path):
+    """1,100 nested folders (deeper than Python's recursion limit) list fine, in order."""
+    top = tmp_path / "deep"
+    top.mkdir()
+    fd = os.open(top, os.O_RDONLY)
+    for _ in range(1100):  # one level at a time, relative to the folder above
+        os.mkdir("d", dir_fd=fd)
+        fd_next = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = fd_next
+    os.close(os.open("bottom.jpg", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
+    os.close(fd)
+    (top / "a.jpg").write_bytes(b"x")
+    (top / "z.jpg").write_bytes(b"x")
+    found = [p for p, _ in iter_inputs([top], recursive=True)]
+    assert [p.name for p in found] == ["a.jpg", "bottom.jpg", "z.jpg"]
+    assert [p.name for p, _ in iter_inputs([top])] == ["a.jpg", "z.jpg"]
+
+
+def test_error_rows_keep_the_content_hash(tmp_path, settings, classifier):
+    import hashlib
+
+    bad = tmp_path / "in" / "notes.jpg"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a picture at all")
+    run_bulk([bad.parent], tmp_path / "out", settings, classifier=classifier, show_progress=False)
+    row = pd.read_csv(tmp_path / "out" / "predictions.csv").iloc[0]
+    assert row["status"] == "error"
+    assert row["sha256"] == hashlib.sha256(b"not a picture at all").hexdigest()

@@ -5,6 +5,7 @@ import csv
 import io
 import os
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -14,6 +15,7 @@ from engine.results import (Result, ResultsCsv, columns, last_complete_record_en
                             printable, utc_now)
 
 CLASSES = ("cat", "dog")
+ROOT = Path(__file__).resolve().parents[1]
 
 HOSTILE = [
     "plain.jpg",
@@ -263,3 +265,45 @@ def test_lone_surrogate_name_does_not_lose_the_batch(tmp_path):
     path = tmp_path / "r.csv"
     ResultsCsv(path, CLASSES).append([_result("\ud83dbad.jpg", 0), _result("good.jpg", 1)])
     assert pd.read_csv(path)["input_path"].tolist() == ["\\ud83dbad.jpg", "good.jpg"]
+
+
+def test_a_failed_append_leaves_no_half_record_behind(tmp_path):
+    """A write that fails halfway (here: the file-size limit, as with a full disk) is rolled
+    back, so the same writer's next append does not follow half a record."""
+    import subprocess
+    import sys
+    import textwrap
+
+    path = tmp_path / "r.csv"
+    ResultsCsv(path, CLASSES).append([_result("ok.jpg", 0)])
+    limit = path.stat().st_size + 300
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from engine.results import Result, ResultsCsv
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        writer = ResultsCsv({str(path)!r}, ("cat", "dog"))
+        rows = [Result(input_path="big%03d.jpg" % i, job_id="big-%d" % i, label="cat",
+                       confidence=0.9) for i in range(50)]
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))
+        try:
+            writer.append(rows)
+            sys.exit("the oversized append did not fail")
+        except OSError as exc:
+            print("failed as expected:", exc.errno)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        writer.append([Result(input_path="after.jpg", job_id="after", label="dog",
+                              confidence=0.8)])
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0 and "failed as expected" in run.stdout, run.stderr
+    df = pd.read_csv(path)
+    assert list(df["job_id"]) == ["job-0000", "after"]
+
+
+def test_reopening_a_complete_file_keeps_it_byte_for_byte(tmp_path):
+    path = tmp_path / "r.csv"
+    ResultsCsv(path, CLASSES).append([_result('a,"b"\nc.jpg', 0), _result("d.jpg", 1)])
+    before = path.read_bytes()
+    ResultsCsv(path, CLASSES)
+    assert path.read_bytes() == before

@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from engine.config import DecodeSettings
-from engine.decode import IMAGE_SUFFIXES, load_model_input
+from engine.decode import load_model_input
 from engine.errors import ConfigError, ImageError
 
 log = logging.getLogger(__name__)
