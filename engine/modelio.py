@@ -14,10 +14,11 @@ Keras safe mode on, so a ``.keras`` file cannot run arbitrary Python code (Lambd
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,9 @@ class ModelMeta:
     metrics: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     format: str = META_FORMAT
+    #: sha256 of the .keras file this metadata belongs to ("" = not recorded): a model and
+    #: metadata replaced in two steps and interrupted in between are caught at load time
+    model_sha256: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -162,6 +166,11 @@ def load_model(model_path: str | Path) -> LoadedModel:
         raise ModelLoadError(f"{model_path} is not a Keras 3 `.keras` archive; "
                              + HOW_TO_GET_A_MODEL)
     meta = read_meta(model_path)
+    if meta.model_sha256 and file_sha256(model_path) != meta.model_sha256:
+        raise ModelLoadError(f"{model_path} and its metadata {meta_path_for(model_path)} do not "
+                             "belong together (an interrupted install or a hand-copied file?); "
+                             "copy both files from the same training run, or "
+                             + HOW_TO_GET_A_MODEL)
     import keras  # heavy import kept off the module import path
 
     try:
@@ -189,8 +198,21 @@ def _check_agreement(model: Any, meta: ModelMeta, where: Path) -> None:
                              f"{meta.num_classes} classes (expected {expected} unit(s))")
 
 
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def save_model(model: Any, meta: ModelMeta, model_path: str | Path) -> Path:
-    """Write ``model_path`` (.keras) and its metadata JSON atomically; return the model path."""
+    """Write ``model_path`` (.keras) and its metadata JSON; return the model path.
+
+    Each file is replaced atomically; the metadata records the model file's sha256, so a
+    crash between the two replaces is detected by :func:`load_model` instead of pairing a new
+    model with an old temperature and threshold.
+    """
     model_path = Path(model_path)
     if model_path.suffix != ".keras":
         raise ValueError(f"model path must end in .keras, got {model_path}")
@@ -199,6 +221,7 @@ def save_model(model: Any, meta: ModelMeta, model_path: str | Path) -> Path:
     model_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_model = model_path.with_name(model_path.stem + ".tmp.keras")
     model.save(tmp_model)
+    meta = replace(meta, model_sha256=file_sha256(tmp_model))
     meta_path = meta_path_for(model_path)
     tmp_meta = meta_path.with_name(meta_path.name + ".tmp")
     tmp_meta.write_text(meta.to_json(), encoding="utf-8")

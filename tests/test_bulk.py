@@ -175,10 +175,11 @@ def test_output_folder_inside_the_input_is_never_fed_back(tmp_path, settings, cl
 
 def test_deep_folder_trees_are_walked_without_recursion_limits(tmp_path):
     """1,100 nested folders (deeper than Python's recursion limit) list fine, in order."""
+    depth = 1100
     top = tmp_path / "deep"
     top.mkdir()
     fd = os.open(top, os.O_RDONLY)
-    for _ in range(1100):  # one level at a time, relative to the folder above
+    for _ in range(depth):  # one level at a time, relative to the folder above
         os.mkdir("d", dir_fd=fd)
         fd_next = os.open("d", os.O_RDONLY, dir_fd=fd)
         os.close(fd)
@@ -187,9 +188,15 @@ def test_deep_folder_trees_are_walked_without_recursion_limits(tmp_path):
     os.close(fd)
     (top / "a.jpg").write_bytes(b"x")
     (top / "z.jpg").write_bytes(b"x")
-    found = [p for p, _ in iter_inputs([top], recursive=True)]
-    assert [p.name for p in found] == ["a.jpg", "bottom.jpg", "z.jpg"]
-    assert [p.name for p, _ in iter_inputs([top])] == ["a.jpg", "z.jpg"]
+    try:
+        found = [p for p, _ in iter_inputs([top], recursive=True)]
+        assert [p.name for p in found] == ["a.jpg", "bottom.jpg", "z.jpg"]
+        assert [p.name for p, _ in iter_inputs([top])] == ["a.jpg", "z.jpg"]
+    finally:  # remove it bottom-up: recursive deleters (pytest's tmp cleanup) would overflow
+        deepest = top / "/".join(["d"] * depth)
+        (deepest / "bottom.jpg").unlink()
+        for level in range(depth, 0, -1):
+            os.rmdir(top / "/".join(["d"] * level))
 
 
 def test_error_rows_keep_the_content_hash(tmp_path, settings, classifier):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from engine.errors import ModelLoadError
-from engine.modelio import (HOW_TO_GET_A_MODEL, META_FORMAT, ModelMeta, load_model, meta_path_for,
-                            read_meta, save_model)
+from engine.modelio import (HOW_TO_GET_A_MODEL, META_FORMAT, ModelMeta, file_sha256, load_model,
+                            meta_path_for, read_meta, save_model)
 from tests.helpers import save_tiny_model, tiny_model
 
 HOW = "pawcam train"  # every "missing or corrupt model" message says how to get one
@@ -130,6 +130,11 @@ def test_zip_without_a_model_inside(copy):
     copy.unlink()
     with zipfile.ZipFile(copy, "w") as zf:
         zf.writestr("hello.txt", "not a model")
+    with pytest.raises(ModelLoadError, match="do not belong together"):
+        load_model(copy)  # the metadata's recorded hash catches it first
+    meta = json.loads(meta_path_for(copy).read_text(encoding="utf-8"))
+    del meta["model_sha256"]  # metadata without a recorded hash: Keras itself must refuse
+    meta_path_for(copy).write_text(json.dumps(meta), encoding="utf-8")
     with pytest.raises(ModelLoadError) as info:
         load_model(copy)
     assert "cannot load" in str(info.value) and HOW in str(info.value)
@@ -222,3 +227,17 @@ def test_predicted_indices_binary_threshold_and_argmax():
 
 def test_how_to_get_a_model_is_actionable():
     assert "pawcam train" in HOW_TO_GET_A_MODEL and "config.toml" in HOW_TO_GET_A_MODEL
+
+
+def test_model_and_metadata_from_different_saves_are_refused(tmp_path):
+    """An install interrupted between replacing the model and its metadata is caught."""
+    import shutil
+
+    from tests.helpers import save_tiny_model
+
+    first = save_tiny_model(tmp_path / "a")
+    second = save_tiny_model(tmp_path / "b", nested=True, temperature=2.0)
+    assert read_meta(first).model_sha256 and read_meta(first).model_sha256 == file_sha256(first)
+    shutil.copyfile(second, first)  # new model, old metadata
+    with pytest.raises(ModelLoadError, match="do not belong together"):
+        load_model(first)

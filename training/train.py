@@ -517,7 +517,7 @@ def train(settings: Settings, options: TrainOptions) -> TrainResult:
     # 5. evaluation on the test split, through the engine ---------------------------------
     loaded = load_model(model_path)
     evaluation = evaluate_folder(settings, loaded, data / "test", cfg.gallery_size)
-    meta = dataclasses.replace(meta, metrics=_summary(evaluation))
+    meta = dataclasses.replace(loaded.meta, metrics=_summary(evaluation))  # keeps model_sha256
     _write_meta(model_path, meta)
     write_report(model_path, meta, evaluation)
 
