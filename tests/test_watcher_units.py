@@ -499,3 +499,60 @@ def test_one_daemon_per_inbox(tmp_path):
     finally:
         os.close(fd)
     os.close(_spool(tmp_path).lock())
+
+
+# -- review fixes -------------------------------------------------------------------------------
+def _config(tmp_path, watcher_extra=""):
+    return _settings(tmp_path, f"""
+[paths]
+inbox = "{tmp_path / 'inbox'}"
+outbox = "{tmp_path / 'outbox'}"
+[watcher]
+settle_ms = 0
+max_wait_ms = 0
+{watcher_extra}
+""")
+
+
+def _run_daemon(daemon) -> int:
+    old = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        return daemon.run()
+    finally:
+        signal.signal(signal.SIGINT, old[0])
+        signal.signal(signal.SIGTERM, old[1])
+
+
+def _rows(tmp_path) -> list[dict]:
+    import csv as _csv
+
+    with open(tmp_path / "outbox/results.csv", newline="", encoding="utf-8") as fh:
+        return list(_csv.DictReader(fh))
+
+
+def test_processing_area_is_never_input_even_if_ignore_lacks_dot_names(tmp_path):
+    """B1: with ``ignore = ["*.part"]`` the daemon's own lock file, manifests and claimed files
+    are still not input (neither by scan nor by a notice of a move into the processing area)."""
+    from watcher.daemon import Daemon
+    from watcher.observer import COMPLETE, SEEN, Notice
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for i in range(3):
+        (inbox / f"a{i}.jpg").write_bytes(b"IMG%d" % i)
+    settings = _config(tmp_path, 'ignore = ["*.part"]')
+    wcfg = watcher_settings(settings)
+    assert _run_daemon(Daemon(settings, wcfg, once=True, classifier=FakeClassifier())) == 0
+    assert sorted(r["input_path"] for r in _rows(tmp_path)) == ["a0.jpg", "a1.jpg", "a2.jpg"]
+    assert (inbox / ".pawcam-processing" / ".lock").exists()         # the lock stays put
+    assert not (tmp_path / "outbox/failed/.pawcam-processing").exists()
+
+    claimed = inbox / ".pawcam-processing" / "w1-000001"
+    claimed.write_bytes(b"IMG-claimed")
+    d = Daemon(settings, wcfg, once=True, classifier=FakeClassifier())
+    for kind in (COMPLETE, SEEN):                                     # inotify: moved in
+        d.notices.put(Notice(kind, str(claimed)))
+        d.notices.put(Notice(kind, str(inbox / ".pawcam-processing" / ".lock")))
+    d._drain(0)
+    d._scan("")
+    assert d.tracker.candidates == {}

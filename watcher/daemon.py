@@ -206,13 +206,22 @@ class Daemon:
 
     # -- events -> candidates -----------------------------------------------------------------
     def _rel(self, path: str) -> str | None:
+        """Inbox-relative path of a notice's ``path``; None when it is not input (outside the
+        inbox, ignored, or in the processing area)."""
         try:
             rel = os.path.relpath(path, self.inbox)
         except ValueError:
             return None
         if rel == "." or rel.startswith("../") or rel == "..":
             return None
-        return rel.replace(os.sep, "/")
+        rel = rel.replace(os.sep, "/")
+        return None if self._skipped(rel) else rel
+
+    def _skipped(self, rel: str) -> bool:
+        """Not input: an ignored name, or anything in the processing area (always, whatever
+        ``ignore`` says: its lock file, manifests and claimed files are this daemon's own)."""
+        return (rel.split("/", 1)[0] == self.wcfg.processing_dir
+                or is_ignored(rel, self.wcfg.ignore))
 
     def _drain(self, timeout: float) -> None:
         latest: dict[str, str] = {}
@@ -231,7 +240,7 @@ class Daemon:
         now = time.monotonic()
         for path, kind in latest.items():
             rel = self._rel(path)
-            if rel is None or is_ignored(rel, self.wcfg.ignore):
+            if rel is None:
                 continue
             if kind == DIR:
                 self._scan(rel)
@@ -274,7 +283,7 @@ class Daemon:
                 continue
             for name, is_dir in sorted(entries):
                 rel = f"{current}/{name}" if current else name
-                if is_ignored(rel, self.wcfg.ignore):
+                if self._skipped(rel):
                     continue
                 if is_dir:
                     stack.append(rel)
