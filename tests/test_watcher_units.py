@@ -29,7 +29,7 @@ from watcher.policy import (
     settled,
 )
 from watcher.sdnotify import Notifier, sd_notify, socket_address, watchdog_interval
-from watcher.spool import Spool, csv_outcomes, move_no_clobber, rename_noreplace
+from watcher.spool import Spool, move_no_clobber, rename_noreplace
 from watcher.status import Status, format_status, read_status
 
 
@@ -292,7 +292,7 @@ def test_recovery_finalizes_committed_and_redoes_uncommitted(tmp_path):
 
     assert _run_once(tmp_path) == 0
     rows = ResultsCsv(csv_path, ("cat", "dog"))
-    outcomes = csv_outcomes(csv_path, {"j1", "j2", "j3"})
+    outcomes = ResultsCsv(csv_path, ("cat", "dog")).outcomes({"j1", "j2", "j3"})
     assert outcomes == {"j1": ("ok", ""), "j2": ("error", "not an image"), "j3": ("ok", "")}
     import csv as _csv
     with open(csv_path, newline="") as fh:
@@ -556,3 +556,48 @@ def test_processing_area_is_never_input_even_if_ignore_lacks_dot_names(tmp_path)
     d._drain(0)
     d._scan("")
     assert d.tracker.candidates == {}
+
+
+def _committed_then_crashed(tmp_path) -> Spool:
+    """A crash after the commit of a.jpg (job j1), before it was moved out."""
+    sp = _spool(tmp_path)
+    (sp.inbox / "a.jpg").write_bytes(b"IMG-a")
+    sp.claim("b1", [("j1", "a.jpg", 0.0)])
+    ResultsCsv(tmp_path / "outbox/results.csv", ("cat", "dog")).append(
+        [Result("a.jpg", "j1", label="dog", confidence=0.8)])
+    return sp
+
+
+def test_recovery_keeps_the_manifest_when_moving_a_committed_file_fails(tmp_path, monkeypatch):
+    """B2: the outbox is full during recovery: the committed file stays in the processing area
+    with its manifest, and the next start only moves it on (no second row, no new job id)."""
+    import errno as _errno
+
+    from watcher.daemon import Daemon
+
+    sp = _committed_then_crashed(tmp_path)
+    settings = _config(tmp_path)
+
+    def full(*a, **k):
+        raise OSError(_errno.ENOSPC, "No space left on device")
+    with monkeypatch.context() as m:
+        m.setattr(Spool, "finalize", full)
+        assert _run_daemon(Daemon(settings, watcher_settings(settings), once=True,
+                                  classifier=FakeClassifier())) == 0
+    assert _left(sp) == ["batch-b1.json", "j1"]
+    assert _run_daemon(Daemon(settings, watcher_settings(settings), once=True,
+                              classifier=FakeClassifier())) == 0
+    rows = _rows(tmp_path)
+    assert [(r["input_path"], r["job_id"]) for r in rows] == [("a.jpg", "j1")]
+    assert (tmp_path / "outbox/processed/a.jpg").read_bytes() == b"IMG-a"
+    assert _left(sp) == []
+
+
+def test_orphan_already_in_the_results_is_moved_on_not_classified_again(tmp_path):
+    """B2: a claimed file without a manifest whose name (its job id) is in the CSV."""
+    sp = _committed_then_crashed(tmp_path)
+    os.unlink(sp.processing / "batch-b1.json")
+    assert _run_once(tmp_path) == 0
+    assert [(r["input_path"], r["job_id"]) for r in _rows(tmp_path)] == [("a.jpg", "j1")]
+    assert (tmp_path / "outbox/processed/recovered/j1").read_bytes() == b"IMG-a"
+    assert _left(sp) == []

@@ -36,8 +36,7 @@ from watcher.config import WatcherSettings
 from watcher.observer import COMPLETE, DIR, DIR_GONE, Notice, start_observer
 from watcher.policy import Tracker, is_ignored, signature
 from watcher.sdnotify import Notifier
-from watcher.spool import (ClaimedBatch, Spool, complete_moves, csv_outcomes, fsync_dir,
-                           fsync_file, shown)
+from watcher.spool import ClaimedBatch, Spool, complete_moves, fsync_dir, fsync_file, shown
 from watcher.status import Status
 
 log = logging.getLogger("pawcam.watch")
@@ -412,7 +411,7 @@ class Daemon:
         except OSError as exc:
             all_moved = False
             log.error("cannot finish moving the batch's files: %s (done at the next start)", exc)
-        if all_moved:
+        if all_moved and not batch.keep_manifest:
             self.spool.drop_manifest(batch)
         s = self.status
         s.processed += ok + failed
@@ -444,24 +443,29 @@ class Daemon:
 
     # -- recovery -----------------------------------------------------------------------------
     def _recover(self) -> None:
-        batches = self.spool.recover(self.new_job_id)
+        batches = self.spool.recover(self.new_job_id, self.csv.outcomes)
         if not batches:
             return
         ids = {item.job_id for b in batches for item in b.items}
-        outcomes = csv_outcomes(self.csv.path, ids)
-        done = redo = 0
+        outcomes = self.csv.outcomes(ids)
+        done = stuck = redo = 0
         for batch in batches:
             committed = [i for i in batch.items if i.job_id in outcomes]
             for item in committed:
                 status, error = outcomes[item.job_id]
                 try:
                     where = self.spool.finalize(item, status == "ok", error)
-                    log.info("recovered %s: already in the results; -> %s [%s]",
-                             shown(item.rel), self._short(where), item.job_id)
                 except OSError as exc:
-                    log.error("cannot move %s out of the processing area: %s",
-                              shown(item.rel), exc)
+                    # keep the manifest: the file keeps its job id, so the next start moves it
+                    # on instead of classifying it again under a new one (a second row)
+                    batch.keep_manifest = True
+                    stuck += 1
+                    log.error("cannot move %s out of the processing area: %s (tried again at "
+                              "the next start)", shown(item.rel), exc)
+                    continue
                 done += 1
+                log.info("recovered %s: already in the results; -> %s [%s]",
+                         shown(item.rel), self._short(where), item.job_id)
             batch.items = [i for i in batch.items if i.job_id not in outcomes]
             if batch.items:
                 redo += len(batch.items)
@@ -469,10 +473,12 @@ class Daemon:
                     log.info("recovered %s: classifying it again [%s]", shown(item.rel),
                              item.job_id)
                 self.pending.append(batch)
-            else:
+            elif not batch.keep_manifest:
                 self.spool.drop_manifest(batch)
         log.warning("recovered after an unclean stop: %d file(s) already recorded were moved "
-                    "on, %d are classified again", done, redo)
+                    "on, %d are classified again%s", done, redo,
+                    f", {stuck} could not be moved (left in {self.spool.processing})"
+                    if stuck else "")
 
     # -- status and stop ----------------------------------------------------------------------
     def _write_status(self) -> None:

@@ -14,7 +14,6 @@ was either finalized or never claimed (the file is still in the inbox and is fou
 """
 from __future__ import annotations
 
-import csv
 import ctypes
 import ctypes.util
 import errno
@@ -25,7 +24,7 @@ import shutil
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Collection, Iterable
 
 from engine.results import printable
 from watcher.policy import free_name, numbered_name
@@ -258,6 +257,9 @@ class ClaimedBatch:
     manifest: Path
     items: list[Item] = field(default_factory=list)
     recovered: bool = False
+    #: a file of this batch could not be moved out at recovery: the manifest must outlive the
+    #: batch's other files so that the next start still knows that file's job id
+    keep_manifest: bool = False
 
 
 class Spool:
@@ -380,11 +382,16 @@ class Spool:
         return str(dst)
 
     # -- recovery -----------------------------------------------------------------------------
-    def recover(self, new_job_id) -> list[ClaimedBatch]:
+    def recover(self, new_job_id: Callable[[], str],
+                recorded: Callable[[set[str]], Collection[str]] | None = None
+                ) -> list[ClaimedBatch]:
         """Batches a crash left in the processing area, rebuilt from their manifests.
 
         Temp files are removed; entries whose file is gone are dropped; claimed files that no
-        manifest mentions (should not happen) get a fresh job id and their processing name.
+        manifest mentions (should not happen) are named after their job id: one that
+        ``recorded(names)`` says is already in the results keeps it (so it is only moved on,
+        never given a second row); any other gets a fresh job id, ``recovered/<name>`` as its
+        path.
         """
         batches: list[ClaimedBatch] = []
         known: set[str] = set()
@@ -416,15 +423,21 @@ class Spool:
                 data.add(entry)
         orphans = sorted(data - known)
         if orphans:
+            done = set(recorded(set(orphans))) if recorded is not None else set()
             batch_id = "orphans-" + new_job_id()
             entries = []
             for name in orphans:
-                job_id = new_job_id()
                 rel = f"recovered/{name}"
-                os.rename(self.processing / name, self.processing / job_id)
+                if name in done:        # committed, but moving it out failed: keep its job id
+                    job_id = name
+                    log.warning("%s in the processing area had no manifest but is already in "
+                                "the results; moving it on", shown(name))
+                else:
+                    job_id = new_job_id()
+                    os.rename(self.processing / name, self.processing / job_id)
+                    log.warning("%s in the processing area had no manifest; processing it as %s",
+                                shown(name), shown(rel))
                 entries.append((job_id, rel))
-                log.warning("%s in the processing area had no manifest; processing it as %s",
-                            name, shown(rel))
             manifest = self.processing / f"{MANIFEST_PREFIX}{batch_id}{MANIFEST_SUFFIX}"
             write_atomic(manifest, json.dumps(
                 {"batch": batch_id, "entries": [{"job_id": j, "rel": r} for j, r in entries]},
@@ -434,22 +447,3 @@ class Spool:
                                         recovered=True))
         return batches
 
-
-def csv_outcomes(path: Path, wanted: set[str]) -> dict[str, tuple[str, str]]:
-    """``job_id -> (status, error)`` for the ``wanted`` ids already in the results CSV."""
-    found: dict[str, tuple[str, str]] = {}
-    if not wanted or not path.exists():
-        return found
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if not header:
-            return found
-        i_job, i_status, i_error = (header.index(k) for k in ("job_id", "status", "error"))
-        for row in reader:
-            if len(row) <= max(i_job, i_status, i_error):
-                continue
-            job = row[i_job].lstrip("'")
-            if job in wanted:
-                found[job] = (row[i_status], row[i_error])
-    return found
