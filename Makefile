@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup            ## classify every photo under DATA into OUT/predictions.csv + OUT/gradcam/
+	@test -e "$(DATA)" || { echo "make run: $(DATA) not found; name your photos: make run DATA=/path/to/photos" >&2; exit 2; }
 	$(BIN)/pawcam predict "$(DATA)" --recursive --out "$(OUT)"
 
 test: setup           ## the whole test suite
