@@ -601,3 +601,20 @@ def test_orphan_already_in_the_results_is_moved_on_not_classified_again(tmp_path
     assert [(r["input_path"], r["job_id"]) for r in _rows(tmp_path)] == [("a.jpg", "j1")]
     assert (tmp_path / "outbox/processed/recovered/j1").read_bytes() == b"IMG-a"
     assert _left(sp) == []
+
+
+def test_claim_never_follows_a_folder_swapped_for_a_symlink(tmp_path):
+    """B4: sub/x.jpg was seen, then inbox/sub became a symlink to a folder outside the inbox:
+    the claim refuses (logged, left alone) instead of taking the outside file."""
+    sp = _spool(tmp_path)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "x.jpg").write_bytes(b"not yours")
+    os.symlink(victim, sp.inbox / "sub")
+    (sp.inbox / "real" / "deep").mkdir(parents=True)
+    (sp.inbox / "real" / "deep" / "y.jpg").write_bytes(b"IMG-y")
+    batch = sp.claim("b1", [("j1", "sub/x.jpg", 0.0), ("j2", "real/deep/y.jpg", 0.0)])
+    assert [i.rel for i in batch.items] == ["real/deep/y.jpg"]
+    assert os.listdir(victim) == ["x.jpg"] and _left(sp) == ["batch-b1.json", "j2"]
+    assert sp.claim("b2", [("j3", "sub/x.jpg", 0.0)]).items == []
+    assert os.listdir(victim) == ["x.jpg"] and _left(sp) == ["batch-b1.json", "j2"]

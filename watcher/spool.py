@@ -302,28 +302,67 @@ class Spool:
         body = {"batch": batch_id, "entries": [{"job_id": j, "rel": r} for j, r, _ in entries]}
         write_atomic(manifest, json.dumps(body, ensure_ascii=True).encode("ascii"))
         batch = ClaimedBatch(batch_id, manifest)
-        parents: set[Path] = set()
-        for job_id, rel, ready_at in entries:
-            src = self.inbox / rel
-            dst = self.processing / job_id
-            try:
-                os.rename(src, dst)
-            except FileNotFoundError:
-                log.debug("%s vanished before it could be claimed", shown(rel))
-                continue
-            except OSError as exc:
-                log.warning("cannot claim %s (left in the inbox): %s", shown(rel),
-                            exc.strerror or exc)
-                continue
-            parents.add(src.parent)
-            batch.items.append(Item(job_id, rel, dst, ready_at))
-        # make the renames durable before any result can be committed for them
-        fsync_dir(self.processing)
-        for parent in parents:
-            fsync_dir(parent)
+        folders: dict[str, int | OSError] = {}   # rel folder -> fd opened without symlinks
+        try:
+            for job_id, rel, ready_at in entries:
+                folder, _, name = rel.rpartition("/")
+                if folder not in folders:
+                    folders[folder] = self._open_folder(folder)
+                fd = folders[folder]
+                try:
+                    if isinstance(fd, OSError):
+                        raise fd
+                    os.rename(name, self.processing / job_id, src_dir_fd=fd)
+                except FileNotFoundError:
+                    log.debug("%s vanished before it could be claimed", shown(rel))
+                    continue
+                except OSError as exc:
+                    log.warning("cannot claim %s (left in the inbox): %s", shown(rel),
+                                exc.strerror or exc)
+                    continue
+                batch.items.append(Item(job_id, rel, self.processing / job_id, ready_at))
+            # make the renames durable before any result can be committed for them
+            fsync_dir(self.processing)
+            for fd in folders.values():
+                if not isinstance(fd, OSError):
+                    try:
+                        os.fsync(fd)
+                    except OSError:
+                        pass
+        finally:
+            for fd in folders.values():
+                if not isinstance(fd, OSError):
+                    os.close(fd)
         if not batch.items:
             self.drop_manifest(batch)
         return batch
+
+    def _open_folder(self, rel_folder: str) -> int | OSError:
+        """An fd of the inbox folder ``rel_folder`` reached component by component without
+        following a symlink (the inbox itself may be one), or the error: a folder swapped for a
+        symlink after its files were seen must not make the claim take files from elsewhere."""
+        flags = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(self.inbox, flags)
+        except OSError as exc:
+            return exc
+        for part in (p for p in rel_folder.split("/") if p):
+            try:
+                if part in (".", ".."):
+                    raise OSError(errno.EINVAL, "'.' or '..' in the path")
+                try:
+                    sub = os.open(part, flags | os.O_NOFOLLOW, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise OSError(exc.errno, f"{part!r} on its path is not a folder "
+                                      "(a symbolic link? links are never followed)") from None
+                    raise
+            except OSError as exc:
+                os.close(fd)
+                return exc
+            os.close(fd)
+            fd = sub
+        return fd
 
     def unclaim(self, batch: ClaimedBatch) -> None:
         """Give a claimed, unprocessed batch back to the inbox (clean stop)."""
