@@ -618,3 +618,22 @@ def test_claim_never_follows_a_folder_swapped_for_a_symlink(tmp_path):
     assert os.listdir(victim) == ["x.jpg"] and _left(sp) == ["batch-b1.json", "j2"]
     assert sp.claim("b2", [("j3", "sub/x.jpg", 0.0)]).items == []
     assert os.listdir(victim) == ["x.jpg"] and _left(sp) == ["batch-b1.json", "j2"]
+
+
+def test_failure_note_of_a_long_name_is_written_and_temp_files_never_stay(tmp_path):
+    """B5: a legal 250-byte name still gets its <name>.error.txt note; a failed atomic write
+    leaves no temp file behind."""
+    from watcher.spool import write_atomic
+
+    sp = _spool(tmp_path)
+    name = "x" * 246 + ".jpg"
+    (sp.inbox / name).write_bytes(b"junk")
+    batch = sp.claim("b1", [("j1", name, 0.0)])
+    where = sp.finalize(batch.items[0], ok=False, error="not an image")
+    note = Path(where + ".error.txt")
+    assert len(os.fsencode(note.name)) <= 255 and "not an image" in note.read_text()
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(OSError):
+        write_atomic(tmp_path / "dir", b"data")             # cannot replace a folder
+    assert sorted(os.listdir(tmp_path)) == ["dir", "inbox", "outbox"]
+    assert [n for n in os.listdir(sp.failed) if n.startswith(".tmp-")] == []

@@ -20,6 +20,7 @@ import errno
 import json
 import logging
 import os
+import secrets
 import shutil
 import stat
 from dataclasses import dataclass, field
@@ -67,18 +68,27 @@ def fsync_file(path: Path) -> None:
 
 
 def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write ``path`` via a temp file in the same folder + rename: readers never see half."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+    """Write ``path`` via a temp file in the same folder + rename: readers never see half.
+    The temp name does not depend on ``path``'s name (a 250-byte name must still fit) and the
+    temp file is removed if anything fails."""
+    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     if durable:
         fsync_dir(path.parent)
 
