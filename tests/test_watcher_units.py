@@ -637,3 +637,29 @@ def test_failure_note_of_a_long_name_is_written_and_temp_files_never_stay(tmp_pa
         write_atomic(tmp_path / "dir", b"data")             # cannot replace a folder
     assert sorted(os.listdir(tmp_path)) == ["dir", "inbox", "outbox"]
     assert [n for n in os.listdir(sp.failed) if n.startswith(".tmp-")] == []
+
+
+def test_stop_timer_is_cancelled_once_shutdown_is_done(tmp_path, monkeypatch):
+    """B8: after a stop request the give-up timer (os._exit) must not fire once run() has
+    returned: the exit code is run()'s and an in-process caller lives on."""
+    import time
+
+    from watcher.daemon import Daemon
+
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "inbox" / "a.jpg").write_bytes(b"IMG-a")
+    settings = _config(tmp_path, "stop_timeout_s = 0.5")
+    fired = []
+    monkeypatch.setattr(Daemon, "_give_up", lambda self: fired.append(True))
+    d = Daemon(settings, watcher_settings(settings), once=True, classifier=FakeClassifier())
+    infer = d.clf.infer
+
+    def infer_then_stop(images):
+        d.stop_requested = True            # SIGTERM while the batch is on the model
+        return infer(images)
+    d.clf.infer = infer_then_stop
+    d._warm_up = lambda: None
+    assert _run_daemon(d) == 0
+    assert [r["input_path"] for r in _rows(tmp_path)] == ["a.jpg"]
+    time.sleep(0.8)
+    assert fired == []

@@ -493,6 +493,7 @@ class Daemon:
         self._write_status()
 
     def _shutdown(self) -> None:
+        timer = None
         if self.stop_requested:
             timer = threading.Timer(self.wcfg.stop_timeout_s, self._give_up)
             timer.daemon = True
@@ -522,6 +523,8 @@ class Daemon:
                 self._lock_fd = None
             log.info("stopped: %d processed (%d ok, %d failed) since %s", self.status.processed,
                      self.status.ok, self.status.failed, self.status.started)
+            if timer is not None:   # done in time: run() returns its own exit code
+                timer.cancel()
 
     def _give_up(self) -> None:
         log.warning("could not finish within stop_timeout_s=%.1f s; exiting now (the batch in "
