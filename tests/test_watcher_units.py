@@ -663,3 +663,30 @@ def test_stop_timer_is_cancelled_once_shutdown_is_done(tmp_path, monkeypatch):
     assert [r["input_path"] for r in _rows(tmp_path)] == ["a.jpg"]
     time.sleep(0.8)
     assert fired == []
+
+
+def test_special_file_across_file_systems_is_reported_removed(tmp_path):
+    """B7: a FIFO cannot be copied to an outbox on another file system; it is removed and
+    finalize says so (not 'left in the processing area', not an error)."""
+    import shutil
+    import tempfile
+
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    other = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        if os.stat(other).st_dev == os.stat(tmp_path).st_dev:
+            pytest.skip("/dev/shm is on the same file system as tmp_path")
+        inbox = tmp_path / "inbox"
+        inbox.mkdir()
+        sp = Spool(inbox, inbox / ".pawcam-processing", other / "processed", other / "failed")
+        os.mkfifo(inbox / "pipe.jpg")
+        batch = sp.claim("b1", [("j1", "pipe.jpg", 0.0)])
+        deferred: list = []
+        where = sp.finalize(batch.items[0], ok=False, error="not a regular file",
+                            deferred=deferred)
+        assert where.startswith("removed") and deferred == []
+        assert not os.path.lexists(batch.items[0].path)
+        assert [n for n in os.listdir(other / "failed") if not n.startswith(".")] == []
+    finally:
+        shutil.rmtree(other, ignore_errors=True)

@@ -223,6 +223,10 @@ def complete_moves(deferred: list[tuple[Path, Path]]) -> None:
     deferred.clear()
 
 
+class SpecialFileRemoved(OSError):
+    """A FIFO, socket or device could not be moved to another file system and was removed."""
+
+
 def _copy_across(src: Path, folder: Path, name: str, taken) -> Path:
     tmp = folder / f"{TMP_PREFIX}{os.getpid()}-{src.name}"
     st = os.lstat(src)
@@ -239,7 +243,8 @@ def _copy_across(src: Path, folder: Path, name: str, taken) -> Path:
             os.close(fd)
     else:  # FIFO, socket, device: nothing to copy across file systems
         os.unlink(src)
-        raise OSError(errno.EXDEV, "special file removed (cannot be copied to another file system)")
+        raise SpecialFileRemoved(errno.EXDEV, "special file removed (cannot be copied to "
+                                 "another file system)", str(src))
     while True:
         dst = folder / free_name(name, taken)
         try:
@@ -409,15 +414,21 @@ class Spool:
         suffixes = () if ok else (SIDECAR_SUFFIX,)
         rel_parent, _, name = item.rel.rpartition("/")
         try:
-            dst = move_no_clobber(item.path, root / rel_parent, name, suffixes, deferred)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO):
+            try:
+                dst = move_no_clobber(item.path, root / rel_parent, name, suffixes, deferred)
+            except SpecialFileRemoved:
                 raise
-            # e.g. processed/sub is a file from an earlier drop named "sub": flatten the path
-            flat = item.rel.replace("/", "__")
-            log.info("cannot place %s under %s (%s); using %s", shown(item.rel), root,
-                     exc.strerror or exc, shown(flat))
-            dst = move_no_clobber(item.path, root, flat, suffixes, deferred)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM,
+                                 errno.EIO):
+                    raise
+                # e.g. processed/sub is a file from an earlier drop named "sub": flatten it
+                flat = item.rel.replace("/", "__")
+                log.info("cannot place %s under %s (%s); using %s", shown(item.rel), root,
+                         exc.strerror or exc, shown(flat))
+                dst = move_no_clobber(item.path, root, flat, suffixes, deferred)
+        except SpecialFileRemoved:
+            return "removed (a FIFO, socket or device cannot be moved to another file system)"
         if ok:
             return str(dst)
         text = (f"{printable(item.rel)}\n"
