@@ -690,3 +690,34 @@ def test_special_file_across_file_systems_is_reported_removed(tmp_path):
         assert [n for n in os.listdir(other / "failed") if not n.startswith(".")] == []
     finally:
         shutil.rmtree(other, ignore_errors=True)
+
+
+def test_tracker_take_does_not_walk_the_whole_ready_queue():
+    """B13: one batch out of 100k ready files looks at ~batch_size entries, not all of them
+    (draining a big drop was quadratic)."""
+    class Counting(dict):
+        seen = 0
+
+        def __iter__(self):
+            for key in dict.__iter__(self):
+                Counting.seen += 1
+                yield key
+
+    class NoWalk(dict):
+        def values(self):
+            raise AssertionError("walked every candidate")
+
+    t = Tracker(settle_s=0.0, batch_size=32, max_wait_s=0.5)
+    t.ready = Counting()
+    t.candidates = NoWalk()
+    for i in range(100_000):
+        t.observe(f"f{i}.jpg", _st(), now=0.0, wall=100.0, complete=True)
+    Counting.seen = 0
+    batch = t.take()
+    assert [c.rel for c in batch] == [f"f{i}.jpg" for i in range(32)]
+    assert Counting.seen <= 33 and len(t.ready) == 100_000 - 32
+    assert t.due_checks(1.0) == [] and t.next_check() is None     # nothing is settling
+    t.observe("slow.jpg", _st(), now=0.0, wall=100.0)
+    t.settle_s = 1000.0
+    t.observe("new.jpg", _st(mtime=100.0), now=0.0, wall=100.0)
+    assert t.due_checks(1.0) == [] and t.next_check() == 1000.0

@@ -6,9 +6,10 @@ Nothing here touches the file system or the clock: callers pass ``now`` (monoton
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import stat
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 
 def is_ignored(rel: str, patterns: Sequence[str]) -> bool:
@@ -110,6 +111,8 @@ class Tracker:
     max_wait_s: float
     candidates: dict[str, Candidate] = field(default_factory=dict)
     ready: dict[str, None] = field(default_factory=dict)  # insertion order = arrival order
+    #: candidates not ready yet (so settle checks never walk a big ready queue)
+    settling: dict[str, None] = field(default_factory=dict)
 
     def observe(self, rel: str, st, now: float, wall: float, complete: bool = False) -> None:
         """Record a fresh ``lstat`` of ``rel``; ``complete`` when the event proves it (closed,
@@ -125,6 +128,7 @@ class Tracker:
             cand = Candidate(rel, sig, now, age, complete=complete or (
                 cand is not None and cand.complete and cand.sig == sig))
             self.candidates[rel] = cand
+            self.settling[rel] = None
         elif complete:
             cand.complete = True
         self._update(cand, now)
@@ -134,6 +138,7 @@ class Tracker:
                                       settled(now, cand.since, cand.age, self.settle_s)):
             cand.ready_at = now
             self.ready[cand.rel] = None
+            self.settling.pop(cand.rel, None)
 
     def _unready(self, rel: str) -> None:
         self.ready.pop(rel, None)
@@ -141,6 +146,7 @@ class Tracker:
     def forget(self, rel: str) -> None:
         self.candidates.pop(rel, None)
         self.ready.pop(rel, None)
+        self.settling.pop(rel, None)
 
     def forget_under(self, folder: str) -> None:
         prefix = folder.rstrip("/") + "/"
@@ -149,13 +155,13 @@ class Tracker:
 
     def due_checks(self, now: float) -> list[str]:
         """Unsettled candidates whose settle time has come: stat them again."""
-        return [c.rel for c in self.candidates.values()
-                if c.ready_at is None and settled(now, c.since, c.age, self.settle_s)]
+        cands = (self.candidates[rel] for rel in self.settling)
+        return [c.rel for c in cands if settled(now, c.since, c.age, self.settle_s)]
 
     def next_check(self) -> float | None:
         """Monotonic time of the earliest settle check (None: nothing is settling)."""
-        times = [c.since + max(0.0, self.settle_s - c.age) for c in self.candidates.values()
-                 if c.ready_at is None]
+        times = [c.since + max(0.0, self.settle_s - c.age)
+                 for c in (self.candidates[rel] for rel in self.settling)]
         return min(times) if times else None
 
     def first_ready(self) -> float | None:
@@ -173,18 +179,12 @@ class Tracker:
     def take(self, limit: int | None = None) -> list[Candidate]:
         """Remove and return up to ``limit`` (default batch_size) ready candidates, oldest first."""
         limit = self.batch_size if limit is None else limit
+        rels = list(itertools.islice(self.ready, limit))   # not a copy of all of ``ready``
         out: list[Candidate] = []
-        for rel in list(self.ready)[:limit]:
+        for rel in rels:
             out.append(self.candidates.pop(rel))
             del self.ready[rel]
         return out
-
-    def put_back(self, cands: Iterable[Candidate]) -> None:
-        """Return candidates that could not be claimed after all (they settle again)."""
-        for c in cands:
-            c.ready_at = None
-            c.complete = False
-            self.candidates.setdefault(c.rel, c)
 
     @property
     def depth(self) -> int:
