@@ -112,8 +112,13 @@ def _renameat2():
 def rename_noreplace(src: Path, dst: Path) -> None:
     """Atomic rename that fails with FileExistsError instead of replacing ``dst``.
 
-    renameat2(RENAME_NOREPLACE) where the kernel and file system have it; otherwise a check
-    then a rename (only this daemon writes to the outbox folders, so that cannot race).
+    renameat2(RENAME_NOREPLACE) (Linux >= 3.15 on ext4, xfs, btrfs, tmpfs, ...): atomic, never
+    replaces. Where the kernel or file system lacks it (EINVAL/ENOSYS/ENOTSUP: other systems,
+    some network and FUSE file systems) the fallback is a check then a rename, which is NOT
+    atomic: a file created at ``dst`` between the two is replaced. Into the outbox that needs
+    someone else writing there; for :meth:`Spool.unclaim` into the inbox it needs a new drop
+    under the same name in that instant (a link + unlink would avoid it but could leave the
+    file under both names after a crash, i.e. two rows).
     """
     fn = _renameat2()
     if fn is not None:
