@@ -721,3 +721,43 @@ def test_tracker_take_does_not_walk_the_whole_ready_queue():
     t.settle_s = 1000.0
     t.observe("new.jpg", _st(mtime=100.0), now=0.0, wall=100.0)
     assert t.due_checks(1.0) == [] and t.next_check() == 1000.0
+
+
+def test_unclaim_never_goes_through_a_folder_swapped_for_a_symlink(tmp_path):
+    """B4 (the way back): on a clean stop a claimed sub/x.jpg is not put into a folder outside
+    the inbox that inbox/sub now points to; it stays for recovery with its manifest."""
+    import shutil
+
+    sp = _spool(tmp_path)
+    (sp.inbox / "sub").mkdir()
+    (sp.inbox / "sub" / "x.jpg").write_bytes(b"IMG-x")
+    (sp.inbox / "y.jpg").write_bytes(b"IMG-y")
+    batch = sp.claim("b1", [("j1", "y.jpg", 0.0), ("j2", "sub/x.jpg", 0.0)])
+    shutil.rmtree(sp.inbox / "sub")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, sp.inbox / "sub")
+    sp.unclaim(batch)
+    assert os.listdir(outside) == []
+    assert (sp.inbox / "y.jpg").read_bytes() == b"IMG-y"
+    assert _left(sp) == ["batch-b1.json", "j2"]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_rename_noreplace_relative_to_a_folder_fd(tmp_path, monkeypatch, native):
+    import watcher.spool as spool_mod
+
+    if not native:                                      # old kernel / FUSE: the fallback
+        monkeypatch.setattr(spool_mod, "_renameat2", lambda: None)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "taken").write_text("keep")
+    (tmp_path / "a").write_text("a")
+    fd = os.open(tmp_path / "d", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(FileExistsError):
+            rename_noreplace(tmp_path / "a", "taken", dst_dir_fd=fd)
+        rename_noreplace(tmp_path / "a", "free", dst_dir_fd=fd)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "d" / "taken").read_text() == "keep"
+    assert (tmp_path / "d" / "free").read_text() == "a" and not (tmp_path / "a").exists()

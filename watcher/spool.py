@@ -109,7 +109,7 @@ def _renameat2():
     return _libc.renameat2 if _libc else None
 
 
-def rename_noreplace(src: Path, dst: Path) -> None:
+def rename_noreplace(src: Path, dst: Path | str, dst_dir_fd: int | None = None) -> None:
     """Atomic rename that fails with FileExistsError instead of replacing ``dst``.
 
     renameat2(RENAME_NOREPLACE) (Linux >= 3.15 on ext4, xfs, btrfs, tmpfs, ...): atomic, never
@@ -119,10 +119,12 @@ def rename_noreplace(src: Path, dst: Path) -> None:
     someone else writing there; for :meth:`Spool.unclaim` into the inbox it needs a new drop
     under the same name in that instant (a link + unlink would avoid it but could leave the
     file under both names after a crash, i.e. two rows).
+    ``dst_dir_fd``: ``dst`` is a name relative to that folder fd.
     """
     fn = _renameat2()
     if fn is not None:
-        rc = fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+        rc = fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD if dst_dir_fd is None else dst_dir_fd,
+                os.fsencode(dst), _RENAME_NOREPLACE)
         if rc == 0:
             return
         err = ctypes.get_errno()
@@ -130,9 +132,13 @@ def rename_noreplace(src: Path, dst: Path) -> None:
             raise FileExistsError(err, os.strerror(err), str(dst))
         if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
             raise OSError(err, os.strerror(err), str(src))
-    if os.path.lexists(dst):
+    try:
+        os.stat(dst, dir_fd=dst_dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        pass
+    else:
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
-    os.rename(src, dst)
+    os.rename(src, dst, dst_dir_fd=dst_dir_fd)
 
 
 NAME_MAX = 255
@@ -385,12 +391,20 @@ class Spool:
         return fd
 
     def unclaim(self, batch: ClaimedBatch) -> None:
-        """Give a claimed, unprocessed batch back to the inbox (clean stop)."""
+        """Give a claimed, unprocessed batch back to the inbox (clean stop). Like the claim,
+        never through a folder that has become a symlink (the file then stays for recovery)."""
         for item in batch.items:
-            target = self.inbox / item.rel
+            folder, _, name = item.rel.rpartition("/")
             try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                rename_noreplace(item.path, target)
+                if folder:
+                    (self.inbox / folder).mkdir(parents=True, exist_ok=True)
+                fd = self._open_folder(folder)
+                if isinstance(fd, OSError):
+                    raise fd
+                try:
+                    rename_noreplace(item.path, name, dst_dir_fd=fd)
+                finally:
+                    os.close(fd)
             except OSError as exc:
                 log.info("%s stays in the processing area for the next start (%s)",
                          shown(item.rel), exc.strerror or exc)
