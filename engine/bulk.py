@@ -38,9 +38,13 @@ CSV_NAME = "predictions.csv"
 
 
 # -- listing ------------------------------------------------------------------------------------
-def new_run_id() -> str:
-    """``20261124T140307Z-9f3a``: sortable, unique across runs writing to one folder."""
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(2)
+def new_run_id(prefix: str = "", random_bytes: int = 2) -> str:
+    """``20261124T140307Z-9f3a``: sortable, unique across runs writing to one folder.
+
+    The daemon uses ``new_run_id("w", 3)`` -> ``w20261124T140307Z-9f3a0c``.
+    """
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{prefix}{stamp}-{secrets.token_hex(random_bytes)}"
 
 
 def iter_inputs(paths: Iterable[str | Path], recursive: bool = False,

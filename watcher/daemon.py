@@ -17,17 +17,16 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import secrets
 import signal
 import stat
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from engine.bulk import new_run_id
 from engine.classifier import format_confidence
 from engine.config import Settings
 from engine.errors import PawcamError
@@ -46,10 +45,6 @@ MAX_NOTICES_PER_TURN = 20_000
 IDLE_TICK = 0.25            # longest sleep: signals and stop requests are seen this fast
 
 
-def new_run_id() -> str:
-    return "w" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
-
-
 class Daemon:
     def __init__(self, settings: Settings, wcfg: WatcherSettings, *, once: bool = False,
                  classifier: Any = None) -> None:
@@ -66,7 +61,7 @@ class Daemon:
         self.status = Status(inbox=str(self.inbox), outbox=str(self.outbox),
                              observer="once" if once else wcfg.observer)
         self.status_path = self.outbox / wcfg.status_file
-        self.run_id = new_run_id()
+        self.run_id = new_run_id("w", 3)
         self._seq = 0
         self._batches = 0
         self.stop_requested = False
