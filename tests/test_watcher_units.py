@@ -251,23 +251,8 @@ class FakeClassifier:
 
 
 def _run_once(tmp_path):
-    from watcher.daemon import Daemon
-
-    settings = _settings(tmp_path, f"""
-[paths]
-inbox = "{tmp_path / 'inbox'}"
-outbox = "{tmp_path / 'outbox'}"
-[watcher]
-settle_ms = 0
-max_wait_ms = 0
-""")
-    old = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    try:
-        return Daemon(settings, watcher_settings(settings), once=True,
-                      classifier=FakeClassifier()).run()
-    finally:
-        signal.signal(signal.SIGINT, old[0])
-        signal.signal(signal.SIGTERM, old[1])
+    """One `--once` pass of a daemon with the default batch size (a restart)."""
+    return _run_daemon(_daemon(tmp_path, batch_size=None))
 
 
 def test_recovery_finalizes_committed_and_redoes_uncommitted(tmp_path):
@@ -340,18 +325,24 @@ class Crash(BaseException):
     """A simulated SIGKILL/power cut: escapes every ``except Exception``."""
 
 
-def _daemon(tmp_path, batch_size=4):
-    from watcher.daemon import Daemon
-
-    settings = _settings(tmp_path, f"""
+def _config(tmp_path, watcher_extra=""):
+    return _settings(tmp_path, f"""
 [paths]
 inbox = "{tmp_path / 'inbox'}"
 outbox = "{tmp_path / 'outbox'}"
 [watcher]
 settle_ms = 0
 max_wait_ms = 0
-batch_size = {batch_size}
+{watcher_extra}
 """)
+
+
+def _daemon(tmp_path, batch_size: int | None = 4):
+    """A `--once` daemon on tmp inbox/outbox with the fake classifier (batch_size None: the
+    [inference] default)."""
+    from watcher.daemon import Daemon
+
+    settings = _config(tmp_path, "" if batch_size is None else f"batch_size = {batch_size}")
     return Daemon(settings, watcher_settings(settings), once=True, classifier=FakeClassifier())
 
 
@@ -502,18 +493,6 @@ def test_one_daemon_per_inbox(tmp_path):
 
 
 # -- review fixes -------------------------------------------------------------------------------
-def _config(tmp_path, watcher_extra=""):
-    return _settings(tmp_path, f"""
-[paths]
-inbox = "{tmp_path / 'inbox'}"
-outbox = "{tmp_path / 'outbox'}"
-[watcher]
-settle_ms = 0
-max_wait_ms = 0
-{watcher_extra}
-""")
-
-
 def _run_daemon(daemon) -> int:
     old = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
