@@ -114,7 +114,8 @@ class Classifier:
 
     # -- stage 3: pictures and the row (threads) ------------------------------------------
     def finish(self, job: Job, image: DecodedImage, probs: np.ndarray, cam: np.ndarray | None,
-               out_dir: Path) -> Result:
+               out_dir: Path, durable: bool = False) -> Result:
+        """The row for one decoded image, writing its pictures (fsync'ed if ``durable``)."""
         index = int(self.meta.predicted_indices(probs[None, :])[0])
         label, confidence = decide(probs, index, self.meta.class_names,
                                    self.settings.inference.uncertain_below)
@@ -126,7 +127,8 @@ class Classifier:
         )
         if cam is not None and self.outputs:
             try:
-                result.pictures = self._write_pictures(job, image, cam, label, confidence, out_dir)
+                result.pictures = self._write_pictures(job, image, cam, label, confidence, out_dir,
+                                                       durable)
             except OSError as exc:
                 return self.error_result(job, f"prediction made but pictures could not be "
                                               f"written to {out_dir}: {exc.strerror or exc}",
@@ -134,7 +136,7 @@ class Classifier:
         return result
 
     def _write_pictures(self, job: Job, image: DecodedImage, cam: np.ndarray, label: str,
-                        confidence: float, out_dir: Path) -> dict[str, str]:
+                        confidence: float, out_dir: Path, durable: bool) -> dict[str, str]:
         g = self.settings.gradcam
         folder = out_dir / PICTURES_DIR
         folder.mkdir(parents=True, exist_ok=True)
@@ -150,7 +152,7 @@ class Classifier:
         written: dict[str, str] = {}
         for kind in self.outputs:
             name = picture_name(job, kind, g.format)
-            write_picture(folder / name, makers[kind](), g.format, g.jpeg_quality)
+            write_picture(folder / name, makers[kind](), g.format, g.jpeg_quality, durable)
             written[kind] = f"{PICTURES_DIR}/{name}"
         return written
 

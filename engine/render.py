@@ -107,11 +107,23 @@ def encode_picture(image: np.ndarray, fmt: str, quality: int = 90) -> bytes:
     return buf.tobytes()
 
 
-def write_picture(path: Path, image: np.ndarray, fmt: str, quality: int = 90) -> Path:
-    """Encode and write atomically (temp file + rename): a reader never sees half a picture."""
+def write_picture(path: Path, image: np.ndarray, fmt: str, quality: int = 90,
+                  durable: bool = False) -> Path:
+    """Encode and write atomically (temp file + rename): a reader never sees half a picture.
+
+    ``durable`` fsyncs the data before the rename (the daemon's pictures must survive a power
+    cut once their row is committed). The temp file never stays behind on failure.
+    """
     data = encode_picture(image, fmt, quality)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path

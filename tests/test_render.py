@@ -158,3 +158,17 @@ def test_write_picture_replaces_atomically(tmp_path):
     write_picture(path, np.full((4, 4), 255, np.uint8), "png")
     assert (np.asarray(Image.open(path)) == 255).all()
     assert [p.name for p in tmp_path.iterdir()] == ["p.png"]
+
+
+def test_write_picture_leaves_no_temp_file_when_it_fails(tmp_path):
+    from engine.render import write_picture
+
+    img = np.zeros((8, 8, 3), np.uint8)
+    blocked = tmp_path / "x.jpg"
+    blocked.mkdir()
+    (blocked / "keep").write_text("a folder where the picture should go")
+    with pytest.raises(OSError):
+        write_picture(blocked, img, "jpg")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.jpg"]
+    done = write_picture(tmp_path / "y.png", img, "png", durable=True)
+    assert done.read_bytes().startswith(b"\x89PNG")

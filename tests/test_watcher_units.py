@@ -240,7 +240,7 @@ class FakeClassifier:
     def infer(self, images):
         return np.tile([0.2, 0.8], (len(images), 1)), None
 
-    def finish(self, job, image, probs, cam, out_dir):
+    def finish(self, job, image, probs, cam, out_dir, durable=False):
         return Result(input_path=job.display_path, job_id=job.job_id, label="dog",
                       confidence=float(probs[1]), probabilities={"cat": 0.2, "dog": 0.8},
                       width=8, height=8, model_version="fake-1", sha256=image.sha256)

@@ -35,7 +35,7 @@ from watcher.config import WatcherSettings
 from watcher.observer import COMPLETE, DIR, DIR_GONE, Notice, start_observer
 from watcher.policy import Tracker, is_ignored, signature
 from watcher.sdnotify import Notifier
-from watcher.spool import ClaimedBatch, Spool, complete_moves, fsync_dir, fsync_file, shown
+from watcher.spool import ClaimedBatch, Spool, complete_moves, fsync_dir, shown
 from watcher.status import Status
 
 log = logging.getLogger("pawcam.watch")
@@ -352,13 +352,7 @@ class Daemon:
     def _finish(self, job, image, probs, cam) -> Result:
         """Pictures + row (pool thread); the pictures are flushed to disk before the commit so
         that a committed row never points at pictures lost in a power cut."""
-        result = self.clf.finish(job, image, probs, cam, self.outbox)
-        for rel in result.pictures.values():
-            try:
-                fsync_file(self.outbox / rel)
-            except OSError:
-                pass
-        return result
+        return self.clf.finish(job, image, probs, cam, self.outbox, durable=True)
 
     def _flush(self, keep: int) -> None:
         """Commit finished batches (all but ``keep``): rows first, then move the files."""

@@ -58,15 +58,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_file(path: Path) -> None:
-    """Flush a written file to disk (open read-only + fsync works on Linux)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
     """Write ``path`` via a temp file in the same folder + rename: readers never see half.
     The temp name does not depend on ``path``'s name (a 250-byte name must still fit) and the
