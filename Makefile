@@ -6,7 +6,7 @@ BIN     = $(VENV)/bin
 DATA   ?= ../shared/dataset/test
 OUT    ?= results
 
-.PHONY: setup run test bench bench-watcher train evaluate clean
+.PHONY: setup run test bench bench-watcher train evaluate export clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,9 @@ bench-watcher: setup  ## daemon latency/throughput figures quoted in README.md
 
 train: setup          ## retrain the shipped model on ../shared/dataset
 	$(BIN)/pawcam train --data ../shared/dataset
+
+export: setup         ## regenerate the shipped model's ONNX copies (fp32, int8) and their checks
+	$(BIN)/pawcam export --data ../shared/dataset
 
 evaluate: setup       ## evaluate the shipped model on ../shared/dataset/test
 	$(BIN)/pawcam evaluate --data ../shared/dataset

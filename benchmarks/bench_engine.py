@@ -175,7 +175,7 @@ def main() -> None:
         settings = replace(settings, model=replace(settings.model, path=model_path(tmp)))
         clf = Classifier(settings)
         batch = settings.inference.batch_size
-        print(f"batch size: {batch}; decode threads: {settings.inference.decode_threads}; "
+        print(f"batch size: {batch}; decode threads: {settings.inference.threads}; "
               f"CPU cores: {os.cpu_count()}; device: {clf.device}")
         a = bench_forward(clf, images, batch)
         print(f"(a) bare model forward, ready tensors   {a:7.1f} img/s")

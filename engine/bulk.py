@@ -4,10 +4,10 @@
     summary.counts      # {'cat': 120, 'dog': 97, 'uncertain': 3}
     summary.errors      # 2
 
-Files are listed lazily (one folder's names at a time, never the images), decoded on a thread pool a few batches
-ahead, classified a batch at a time, and their pictures rendered and written on the pool while
-the next batch runs on the model. Rows reach ``predictions.csv`` in input order, one durable
-append per batch. Memory is bounded by ``batch_size x (PREFETCH_BATCHES + 2)`` images.
+Files are listed lazily (one folder's names at a time, never the images) and streamed through
+the one pipeline (:mod:`engine.pipeline`: decoding ahead on a thread pool, a batch at a time on
+the model, pictures written while the next batch runs). Rows reach ``predictions.csv`` in input
+order, one durable append per batch. Memory is bounded by ``batch_size x (prefetch + 2)`` images.
 """
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ import stat
 import sys
 import threading
 import time
-from collections import Counter, deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import islice
@@ -28,12 +27,11 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from engine.classifier import Classifier, Job
 from engine.config import Settings
-from engine.decode import DecodedImage
+from engine.pipeline import Pipeline
 from engine.results import Result, ResultsCsv, printable
 
 log = logging.getLogger(__name__)
 
-PREFETCH_BATCHES = 2
 CSV_NAME = "predictions.csv"
 
 
@@ -209,47 +207,11 @@ def run_jobs(classifier: Classifier, jobs: Iterable[Job], out_dir: Path, csv_nam
         if progress:
             progress.update(len(results))
 
-    pool = ThreadPoolExecutor(classifier.settings.inference.decode_threads,
-                              thread_name_prefix="pawcam-io")
-    try:
-        decoding: deque[tuple[list[Job], list[Future]]] = deque()
-        finishing: deque[list[Future]] = deque()
-
-        def run_model(chunk: list[Job], futures: list[Future]) -> None:
-            decoded = [f.result() for f in futures]
-            slots: list[Future | Result] = []
-            good = [i for i, d in enumerate(decoded) if isinstance(d, DecodedImage)]
-            probs, cams = classifier.infer([decoded[i] for i in good]) if good else (None, None)
-            k = 0
-            for job, d in zip(chunk, decoded):
-                if isinstance(d, DecodedImage):
-                    cam = None if cams is None else cams[k]
-                    slots.append(pool.submit(classifier.finish, job, d, probs[k], cam, out_dir))
-                    k += 1
-                else:
-                    slots.append(classifier.error_result(job, d))
-            finishing.append(slots)
-
-        def flush(keep: int) -> None:
-            while len(finishing) > keep:
-                slots = finishing.popleft()
-                record([s.result() if isinstance(s, Future) else s for s in slots])
-
-        for chunk in _batched(jobs, batch_size):
-            decoding.append((chunk, [pool.submit(classifier.try_decode, j) for j in chunk]))
-            if len(decoding) > PREFETCH_BATCHES:
-                run_model(*decoding.popleft())
-                flush(keep=1)
-        while decoding:
-            run_model(*decoding.popleft())
-            flush(keep=1)
-        flush(keep=0)
-    except BaseException:
-        # Ctrl-C or a failure: drop the queued decodes and pictures instead of waiting for
-        # them; every row recorded so far is already durable in the CSV.
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
+    with Pipeline(classifier, out_dir) as pipe:
+        for _, results in pipe.run(_batched(jobs, batch_size)):
+            record(results)
+    # Ctrl-C or a failure leaves the pipeline dropping its queued decodes and pictures
+    # instead of waiting for them; every row recorded so far is already durable in the CSV.
     summary.seconds = time.monotonic() - start
     return summary
 

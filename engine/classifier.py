@@ -13,7 +13,6 @@ raises out of :meth:`process`: it becomes an ``error`` result with a clear messa
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,12 +21,11 @@ import numpy as np
 
 from engine.config import Settings
 from engine.decode import DecodedImage, decode_image, read_file_bytes
-from engine.device import configure_device
 from engine.errors import ImageError
-from engine.modelio import LoadedModel, load_model
-from engine.render import (attention_gray, heatmap, overlay, safe_stem, safe_token,
-                           write_picture)
+from engine.modelio import LoadedModel
+from engine.render import pictures, safe_stem, safe_token, write_picture
 from engine.results import STATUS_ERROR, UNCERTAIN, Result
+from engine.runtime import Runtime, open_runtime
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +61,24 @@ def format_confidence(confidence: float) -> str:
 
 
 class Classifier:
-    """A loaded model plus the settings that say how to run it and what to write."""
+    """A runtime (the model) plus the settings that say how to run it and what to write.
 
-    def __init__(self, settings: Settings, loaded: LoadedModel | None = None) -> None:
+    ``Classifier(settings)`` opens the runtime ``[inference]`` asks for (see
+    :func:`engine.runtime.open_runtime`); pass ``runtime=`` to share one, or ``loaded=`` (a
+    Keras model already in memory) to serve it with TensorFlow.
+    """
+
+    def __init__(self, settings: Settings, loaded: LoadedModel | None = None,
+                 runtime: Runtime | None = None) -> None:
         self.settings = settings
-        self.device = configure_device(settings.device)  # imports TensorFlow quietly
+        if runtime is None and loaded is not None:
+            from engine.runtime_tf import TfRuntime
 
-        import tensorflow as tf
-
-        from engine.gradcam import GradCam
-
-        with tf.device(self.device):
-            self.loaded = loaded or load_model(settings.model.path)
-            self.meta = self.loaded.meta
-            self.cam = GradCam(self.loaded.model, self.meta, settings.gradcam.target_layer)
+            runtime = TfRuntime(loaded, settings)
+        self.runtime: Runtime = runtime or open_runtime(settings)
+        self.meta = self.runtime.meta
+        #: the Keras model when serving with TensorFlow (None under ONNX Runtime)
+        self.loaded: LoadedModel | None = getattr(self.runtime, "loaded", None)
         self.outputs = settings.gradcam.active_outputs
 
     # -- stage 1: decode (threads) --------------------------------------------------------
@@ -104,13 +106,8 @@ class Classifier:
     # -- stage 2: inference (device) ------------------------------------------------------
     def infer(self, images: Sequence[DecodedImage]) -> tuple[np.ndarray, np.ndarray | None]:
         """Probabilities (N, C) and, when pictures are wanted, CAMs (N, h, w)."""
-        import tensorflow as tf
-
-        batch = np.stack([im.model_input for im in images]).astype(np.float32)
-        with tf.device(self.device):
-            if self.outputs:
-                return self.cam(batch)
-            return self.cam.probabilities(batch), None
+        batch = np.stack([im.model_input for im in images])
+        return self.runtime.run(batch, maps=bool(self.outputs))
 
     # -- stage 3: pictures and the row (threads) ------------------------------------------
     def finish(self, job: Job, image: DecodedImage, probs: np.ndarray, cam: np.ndarray | None,
@@ -141,18 +138,13 @@ class Classifier:
         folder = out_dir / PICTURES_DIR
         folder.mkdir(parents=True, exist_ok=True)
         base = image.preview if image.preview is not None else image.model_input
-        size = base.shape[:2]
         caption = f"{label} {format_confidence(confidence)}" if g.annotate else ""
-        makers = {
-            "gray": lambda: attention_gray(cam, size),
-            "heatmap": lambda: heatmap(cam, size, g.colormap),
-            "overlay": lambda: overlay(base, cam, alpha=g.overlay_alpha, colormap=g.colormap,
-                                       caption=caption),
-        }
+        made = pictures(base, cam, self.outputs, alpha=g.overlay_alpha, colormap=g.colormap,
+                        caption=caption)
         written: dict[str, str] = {}
         for kind in self.outputs:
             name = picture_name(job, kind, g.format)
-            write_picture(folder / name, makers[kind](), g.format, g.jpeg_quality, durable)
+            write_picture(folder / name, made[kind], g.format, g.jpeg_quality, durable)
             written[kind] = f"{PICTURES_DIR}/{name}"
         return written
 
@@ -163,30 +155,12 @@ class Classifier:
                       error=message, model_version=self.meta.version, sha256=sha256)
 
     # -- all three, synchronously ---------------------------------------------------------
-    def process(self, jobs: Sequence[Job], out_dir: Path,
-                pool: Executor | None = None) -> list[Result]:
-        """Classify one batch; results come back in the order of ``jobs``.
+    def process(self, jobs: Sequence[Job], out_dir: Path, threads: int | None = None,
+                durable: bool = False) -> list[Result]:
+        """Classify ``jobs`` through the pipeline; results come back in the order of ``jobs``."""
+        from engine.pipeline import Pipeline
 
-        ``pool`` (a thread pool) parallelises decoding and picture writing.
-        """
-        out_dir = Path(out_dir)
-        decoded = list(pool.map(self.try_decode, jobs)) if pool else [self.try_decode(j) for j in jobs]
-        results: list[Result | None] = [None] * len(jobs)
-        good = [i for i, d in enumerate(decoded) if isinstance(d, DecodedImage)]
-        for i, d in enumerate(decoded):
-            if not isinstance(d, DecodedImage):
-                results[i] = self.error_result(jobs[i], d)
         batch = self.settings.inference.batch_size
-        for start in range(0, len(good), batch):
-            idx = good[start:start + batch]
-            probs, cams = self.infer([decoded[i] for i in idx])  # type: ignore[misc]
-
-            def finish(k: int, i: int) -> Result:
-                return self.finish(jobs[i], decoded[i], probs[k],  # type: ignore[arg-type]
-                                   None if cams is None else cams[k], out_dir)
-
-            finished = (list(pool.map(finish, range(len(idx)), idx)) if pool
-                        else [finish(k, i) for k, i in enumerate(idx)])
-            for i, r in zip(idx, finished):
-                results[i] = r
-        return [r for r in results if r is not None]
+        chunks = [list(jobs[i:i + batch]) for i in range(0, len(jobs), batch)]
+        with Pipeline(self, Path(out_dir), durable=durable, threads=threads) as pipe:
+            return [r for _, results in pipe.run(chunks) for r in results]

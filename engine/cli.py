@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from engine import __version__
-from engine.config import Settings, load_settings
+from engine.config import PRECISIONS, RUNTIMES, Settings, load_settings, replace
 from engine.errors import ConfigError, ModelLoadError, PawcamError
 
 EXIT_OK = 0
@@ -47,6 +47,11 @@ def _add_common(parser: argparse.ArgumentParser, suppress: bool = False) -> None
     parser.add_argument("--config", type=Path, default=default(None), metavar="PATH",
                         help="settings file (default: ./config.toml if present, else built-in "
                              "defaults)")
+    parser.add_argument("--runtime", choices=RUNTIMES, default=default(None),
+                        help="what runs the model (overrides [inference] runtime): onnxruntime, "
+                             "tensorflow or auto")
+    parser.add_argument("--precision", choices=PRECISIONS, default=default(None),
+                        help="ONNX Runtime precision (overrides [inference] precision)")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="count", default=default(0),
                            help="more log output (-vv for debug)")
@@ -94,6 +99,17 @@ def setup_logging(verbose: int, quiet: bool) -> None:
         logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
+def with_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
+    """``--runtime`` / ``--precision`` given anywhere on the command line win over the file."""
+    changes = {key: getattr(args, key) for key in ("runtime", "precision")
+               if getattr(args, key, None)}
+    if not changes:
+        return settings
+    inference = replace(settings.inference, **changes)
+    inference.validate("command line")
+    return replace(settings, inference=inference)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -103,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = load_settings(DEFAULT_CONFIG, required=False)
         else:
             settings = load_settings(args.config)
-        return int(args.func(args, settings))
+        return int(args.func(args, with_overrides(settings, args)))
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         return EXIT_USAGE

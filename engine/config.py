@@ -15,6 +15,7 @@ service started from anywhere finds the same files.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import types
 import typing
@@ -32,6 +33,8 @@ EXTRA_SECTIONS = ("training", "watcher")
 GRADCAM_OUTPUTS = ("gray", "heatmap", "overlay")
 COLORMAPS = ("jet", "turbo", "inferno", "magma", "viridis", "plasma", "hot", "bone", "parula")
 IMAGE_FORMATS = ("jpg", "png", "webp")
+RUNTIMES = ("auto", "onnxruntime", "tensorflow")
+PRECISIONS = ("auto", "fp32", "int8")
 
 
 @dataclass(frozen=True)
@@ -48,13 +51,33 @@ class PathSettings:
 @dataclass(frozen=True)
 class InferenceSettings:
     batch_size: int = 32
-    decode_threads: int = 2
+    #: threads that decode files and write pictures; 0 = one per CPU core
+    decode_threads: int = 0
     uncertain_below: float = 0.6
+    #: "auto" (TensorFlow when a GPU is visible, else ONNX Runtime), "onnxruntime", "tensorflow"
+    runtime: str = "auto"
+    #: ONNX Runtime precision: "auto" (int8 when its recorded check passed, else fp32),
+    #: "fp32" (exact) or "int8"
+    precision: str = "auto"
 
     def validate(self, where: str) -> None:
         _check(1 <= self.batch_size <= 4096, where, "batch_size", "must be between 1 and 4096")
-        _check(1 <= self.decode_threads <= 64, where, "decode_threads", "must be between 1 and 64")
+        _check(0 <= self.decode_threads <= 64, where, "decode_threads",
+               "must be between 0 (one per core) and 64")
         _check(0.0 <= self.uncertain_below <= 1.0, where, "uncertain_below", "must be in [0, 1]")
+        _check(self.runtime in RUNTIMES, where, "runtime", f"must be one of {list(RUNTIMES)}")
+        _check(self.precision in PRECISIONS, where, "precision",
+               f"must be one of {list(PRECISIONS)}")
+
+    @property
+    def threads(self) -> int:
+        """``decode_threads`` with 0 resolved to the number of usable CPU cores."""
+        if self.decode_threads:
+            return self.decode_threads
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):
+            return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)

@@ -34,20 +34,53 @@ def attention_gray(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.clip(_upsample(cam, size) * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
+def colorize(gray: np.ndarray, colormap: str = "jet") -> np.ndarray:
+    """An 8-bit attention map colored with ``colormap``: RGB uint8."""
+    bgr = cv2.applyColorMap(gray, _COLORMAPS[colormap])
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
 def heatmap(cam: np.ndarray, size: tuple[int, int], colormap: str = "jet") -> np.ndarray:
     """CAM upsampled to ``size`` and colored: RGB uint8."""
-    bgr = cv2.applyColorMap(attention_gray(cam, size), _COLORMAPS[colormap])
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return colorize(attention_gray(cam, size), colormap)
+
+
+def blend(rgb: np.ndarray, heat: np.ndarray, *, alpha: float = 0.45, caption: str = ""
+          ) -> np.ndarray:
+    """A colored map ``heat`` over ``rgb`` (same size), ``caption`` at the top left."""
+    blended = cv2.addWeighted(rgb, 1.0 - alpha, heat, alpha, 0.0)
+    if caption:
+        blended = draw_caption(blended, caption)
+    return blended
 
 
 def overlay(rgb: np.ndarray, cam: np.ndarray, *, alpha: float = 0.45, colormap: str = "jet",
             caption: str = "") -> np.ndarray:
     """Blend the colored CAM over ``rgb`` (same size) and write ``caption`` at the top left."""
-    heat = heatmap(cam, rgb.shape[:2], colormap)
-    blended = cv2.addWeighted(rgb, 1.0 - alpha, heat, alpha, 0.0)
-    if caption:
-        blended = draw_caption(blended, caption)
-    return blended
+    return blend(rgb, heatmap(cam, rgb.shape[:2], colormap), alpha=alpha, caption=caption)
+
+
+def pictures(rgb: np.ndarray, cam: np.ndarray, kinds: tuple[str, ...], *, alpha: float = 0.45,
+             colormap: str = "jet", caption: str = "") -> dict[str, np.ndarray]:
+    """The requested pictures of one photo, sharing one upsampled map and one colored map.
+
+    ``pictures(rgb, cam, ("gray", "heatmap", "overlay"))`` equals calling
+    :func:`attention_gray`, :func:`heatmap` and :func:`overlay` one by one, at a third of the
+    resize and colormap work.
+    """
+    gray = attention_gray(cam, rgb.shape[:2])
+    out: dict[str, np.ndarray] = {}
+    heat = colorize(gray, colormap) if {"heatmap", "overlay"} & set(kinds) else None
+    for kind in kinds:
+        if kind == "gray":
+            out[kind] = gray
+        elif kind == "heatmap":
+            out[kind] = heat
+        elif kind == "overlay":
+            out[kind] = blend(rgb, heat, alpha=alpha, caption=caption)
+        else:
+            raise ValueError(f"unknown picture kind {kind!r}")
+    return out
 
 
 def draw_caption(rgb: np.ndarray, caption: str) -> np.ndarray:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from engine import bulk
+from engine import bulk, pipeline
 from engine.bulk import iter_inputs, make_jobs, run_bulk, run_jobs
 from engine.classifier import Classifier
 from engine.config import load_settings, replace
@@ -82,7 +82,7 @@ def test_listing_is_streamed_with_bounded_look_ahead(tmp_path, settings, classif
             yield job
 
     run_jobs(classifier, counting_jobs(), tmp_path / "out")
-    bound = settings.inference.batch_size * (bulk.PREFETCH_BATCHES + 3)
+    bound = settings.inference.batch_size * (pipeline.PREFETCH_BATCHES + 3)
     assert listed == 120
     assert worst <= bound, f"listed {worst} files ahead of the CSV (bound {bound})"
 

@@ -123,7 +123,7 @@ def test_wrong_type_names_the_key(tmp_path, section, key, value):
 @pytest.mark.parametrize("section,key,value,fragment", [
     ("inference", "batch_size", "0", "between"),
     ("inference", "batch_size", "-4", "between"),
-    ("inference", "decode_threads", "0", "between"),
+    ("inference", "decode_threads", "-1", "between"),
     ("inference", "uncertain_below", "1.5", "[0, 1]"),
     ("gradcam", "overlay_alpha", "2", "[0, 1]"),
     ("gradcam", "overlay_alpha", "-0.1", "[0, 1]"),

@@ -560,16 +560,13 @@ def _bad_and_good_inputs(root: Path):
 
 
 def test_process_gives_one_result_per_input_in_order(classifier, tmp_path):
-    from concurrent.futures import ThreadPoolExecutor
-
     from engine.classifier import Job
     from engine.results import ResultsCsv
 
     cases = _bad_and_good_inputs(tmp_path / "in")
     jobs = [Job(path, str(path), f"t1-{i:06d}") for i, (path, _, _) in enumerate(cases)]
     out = tmp_path / "out"
-    with ThreadPoolExecutor(2) as pool:
-        results = classifier.process(jobs, out_dir=out, pool=pool)
+    results = classifier.process(jobs, out_dir=out, threads=2)
 
     assert len(results) == len(jobs)
     assert [r.input_path for r in results] == [j.display_path for j in jobs]

@@ -12,7 +12,8 @@ import logging
 from pathlib import Path
 
 from engine.config import Settings
-from engine.modelio import load_model
+from engine.modelio import read_meta
+from engine.runtime import open_runtime
 from training.config import INSTALL_POLICIES
 
 log = logging.getLogger("pawcam.training")
@@ -53,6 +54,35 @@ def register_evaluate(subparsers, parent) -> None:
     p.set_defaults(func=run_evaluate)
 
 
+def register_export(subparsers, parent) -> None:
+    p = subparsers.add_parser(
+        "export", parents=[parent], help="compile a model to ONNX (fp32 and int8) for serving",
+        description="Write MODEL.fp32.onnx, MODEL.int8.onnx and MODEL.export.json beside the "
+                    ".keras model: the copies ONNX Runtime serves without TensorFlow. The int8 "
+                    "copy is calibrated on a seeded sample of the training photos and checked "
+                    "against fp32 on the validation split; a failed check is recorded and int8 "
+                    "is then never served.")
+    p.add_argument("--model", type=Path, default=None, metavar="PATH",
+                   help="model to export (default: [model] path)")
+    p.add_argument("--data", type=Path, default=None, metavar="DIR",
+                   help="dataset folder with train/<class>/ for int8 calibration (default: the "
+                        "folder recorded in the model's metadata)")
+    p.add_argument("--no-int8", action="store_true", help="export fp32 only")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace, settings: Settings) -> int:
+    from training.export import export_model, require_export_tools
+
+    require_export_tools()
+    manifest = export_model(args.model or settings.model.path, settings, data=args.data,
+                            int8=not args.no_int8)
+    int8 = manifest.checks.get("int8", {})
+    log.info("int8: %s", "ready" if manifest.int8_ok else
+             f"not served ({int8.get('reason') or 'check failed'})")
+    return 0
+
+
 def run_train(args: argparse.Namespace, settings: Settings) -> int:
     from training.train import TrainOptions, train
 
@@ -63,7 +93,24 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
              "calibration %.4f); model %s%s", result.train_seconds / 60, 100 * m["accuracy"],
              m["roc_auc"], m["ece"], m["ece_uncalibrated"], result.model_path,
              f", installed as {result.install_path}" if result.installed else "")
+    _export_after_training(result.install_path if result.installed else result.model_path,
+                           args.data, settings)
     return 0
+
+
+def _export_after_training(model_path: Path, data: Path, settings: Settings) -> None:
+    """The compiled copies the CPU runtime serves, beside the model training left behind."""
+    from training.export import export_model
+
+    try:
+        manifest = export_model(model_path, settings, data=data)
+    except Exception as exc:  # the model itself is saved; serving falls back to TensorFlow
+        log.error("ONNX export of %s failed (%s: %s); the model is saved and TensorFlow can "
+                  "serve it; run `pawcam export --model %s` to retry", model_path,
+                  type(exc).__name__, exc, model_path)
+        return
+    log.info("exported ONNX copies beside %s (int8 %s)", model_path,
+             "ready" if manifest.int8_ok else "not served")
 
 
 def run_evaluate(args: argparse.Namespace, settings: Settings) -> int:
@@ -71,12 +118,12 @@ def run_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from training.report import write_report
 
     model_path = args.model or settings.model.path
-    loaded = load_model(model_path)
+    runtime = open_runtime(settings, model_path=model_path, need_maps=args.gallery > 0)
     folder = resolve_split(args.data, args.split)
-    evaluation = evaluate_folder(settings, loaded, folder, max(0, args.gallery))
+    evaluation = evaluate_folder(settings, runtime, folder, max(0, args.gallery))
     target = Path(model_path) if args.out is None else Path(args.out) / Path(model_path).name
     target.parent.mkdir(parents=True, exist_ok=True)
-    card = write_report(target, loaded.meta, evaluation)
+    card = write_report(target, read_meta(model_path), evaluation)
     m = evaluation.metrics
     log.info("accuracy %.2f%%, ROC-AUC %.5f, ECE %.4f on %d images (%d skipped); card %s",
              100 * m["accuracy"], m["roc_auc"], m["ece"], m["n"], m["skipped"], card)

@@ -17,7 +17,6 @@ do not saturate to exactly 0 or 1 and the ROC ranking keeps its resolution.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,9 @@ from engine.config import Settings, replace
 from engine.decode import DecodedImage
 from engine.errors import ConfigError
 from engine.modelio import LoadedModel
+from engine.pipeline import Pipeline
 from engine.render import overlay
+from engine.runtime import Runtime
 from training import calibration, metrics
 from training.dataset import Skipped, scan_split
 
@@ -93,18 +94,26 @@ def uncalibrated(probs: np.ndarray, temperature: float, binary: bool) -> np.ndar
     return calibration.probabilities(temperature * np.log(p))
 
 
-def evaluate_folder(settings: Settings, loaded: LoadedModel, folder: Path,
+def evaluate_folder(settings: Settings, model: LoadedModel | Runtime, folder: Path,
                     gallery_size: int = 12, progress_every: int = 500) -> Evaluation:
+    """Every photo of ``folder/<class>/`` through the engine's pipeline, as served.
+
+    ``model`` is a runtime (``open_runtime(settings)``: what ``pawcam evaluate`` measures) or a
+    Keras model in memory (served with TensorFlow: what training measures before export).
+    """
     import time
 
     t0 = time.perf_counter()
-    meta = loaded.meta
-    layout = scan_split(folder, meta.class_names)
     # Pictures only as overlays, small: the engine's preview is then at most GALLERY_SIDE px.
     eval_settings = replace(settings, gradcam=replace(
         settings.gradcam, enabled=gallery_size > 0, outputs=("overlay",),
         max_side=min(settings.gradcam.max_side, GALLERY_SIDE)))
-    clf = Classifier(eval_settings, loaded=loaded)
+    if isinstance(model, LoadedModel):
+        clf = Classifier(eval_settings, loaded=model)
+    else:
+        clf = Classifier(eval_settings, runtime=model)
+    meta = clf.meta
+    layout = scan_split(folder, meta.class_names)
     n = len(layout.files)
     probs = np.zeros((n, meta.num_classes), np.float64)
     ok = np.zeros(n, bool)
@@ -112,29 +121,28 @@ def evaluate_folder(settings: Settings, loaded: LoadedModel, folder: Path,
     previews: dict[int, np.ndarray] = {}
     skipped: list[Skipped] = []
     jobs = [Job(p, str(p.relative_to(folder)), f"eval-{i:06d}") for i, p in enumerate(layout.files)]
+    index = {job.job_id: i for i, job in enumerate(jobs)}
+
+    def collect(job: Job, image: DecodedImage, p: np.ndarray, cam: np.ndarray | None) -> None:
+        i = index[job.job_id]
+        probs[i] = p
+        ok[i] = True
+        if cam is not None and int(meta.predicted_indices(p[None, :])[0]) != layout.labels[i]:
+            cams[i] = cam
+            previews[i] = image.preview if image.preview is not None else image.model_input
+
+    def failed(job: Job, error: Exception) -> None:
+        skipped.append(Skipped(job.display_path, getattr(error, "code", "image_error"), str(error)))
+        log.warning("skipping %s: %s", job.display_path, error)
+
     batch = settings.inference.batch_size
-    with ThreadPoolExecutor(max_workers=settings.inference.decode_threads) as pool:
-        for start in range(0, n, batch):
-            idx = list(range(start, min(n, start + batch)))
-            decoded = list(pool.map(clf.try_decode, [jobs[i] for i in idx]))
-            good = [(i, d) for i, d in zip(idx, decoded) if isinstance(d, DecodedImage)]
-            for i, d in zip(idx, decoded):
-                if not isinstance(d, DecodedImage):
-                    skipped.append(Skipped(jobs[i].display_path, getattr(d, "code", "image_error"),
-                                           str(d)))
-                    log.warning("skipping %s: %s", jobs[i].display_path, d)
-            if not good:
-                continue
-            p, c = clf.infer([d for _, d in good])
-            pred = meta.predicted_indices(p)
-            for k, (i, d) in enumerate(good):
-                probs[i] = p[k]
-                ok[i] = True
-                if pred[k] != layout.labels[i] and c is not None:
-                    cams[i] = c[k]
-                    previews[i] = d.preview if d.preview is not None else d.model_input
-            if progress_every and (start // batch + 1) * batch % progress_every < batch:
-                log.info("evaluated %d/%d images", min(n, start + batch), n)
+    chunks = [jobs[i:i + batch] for i in range(0, n, batch)]
+    done = 0
+    with Pipeline(clf, finish=collect, on_error=failed) as pipe:
+        for _, records in pipe.run(chunks):
+            done += len(records)
+            if progress_every and done % progress_every < len(records):
+                log.info("evaluated %d/%d images", done, n)
     y = np.asarray(layout.labels, np.int64)[ok]
     p = probs[ok]
     pred = meta.predicted_indices(p)
@@ -144,6 +152,7 @@ def evaluate_folder(settings: Settings, loaded: LoadedModel, folder: Path,
     m["ece_uncalibrated"] = calibration.expected_calibration_error(raw, y)
     m["log_loss_uncalibrated"] = metrics.log_loss(y, raw)
     m["temperature"] = meta.temperature
+    m["runtime"] = f"{clf.runtime.name} {clf.runtime.precision}"
     m["skipped"] = len(skipped)
     m["counts"] = {name: int((y == c).sum()) for c, name in enumerate(meta.class_names)}
     roc: dict[str, Any] = {}

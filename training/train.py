@@ -372,7 +372,7 @@ def train(settings: Settings, options: TrainOptions) -> TrainResult:
              len(train_layout.files), len(test_layout.files))
     images, labels, skipped = decode_all(train_layout.files, train_layout.labels,
                                          input_size=cfg.input_size, decode=settings.decode,
-                                         threads=settings.inference.decode_threads, root=data)
+                                         threads=settings.inference.threads, root=data)
     if skipped:
         log.warning("pre-scan skipped %d unusable training file(s); see the report", len(skipped))
     counts = np.bincount(labels, minlength=len(names))

@@ -144,7 +144,7 @@ class Daemon:
         if self.stop_requested:
             self._write_state("stopped")
             return 0
-        self.pool = ThreadPoolExecutor(self.settings.inference.decode_threads,
+        self.pool = ThreadPoolExecutor(self.settings.inference.threads,
                                        thread_name_prefix="pawcam-io")
         try:
             self._recover()

@@ -1,0 +1,164 @@
+"""The one pipeline every path uses: decode -> infer -> finish, overlapped, in order.
+
+    pipe = Pipeline(classifier, out_dir=Path("results"))
+    for tag, results in pipe.run(batches):        # batches: Iterable[list[Job]]
+        writer.append(results)                    # rows in input order, a batch at a time
+
+Decoding runs on a thread pool up to ``prefetch`` batches ahead of the model; each batch's
+``finish`` step (by default: the three pictures and the row) runs on the same pool while the
+next batch is on the model. Memory is bounded by ``batch x (prefetch + 2)`` images.
+
+The callers differ only in what they add around it:
+
+- the bulk runner appends each batch's rows to the CSV (:mod:`engine.bulk`);
+- the daemon submits claimed batches and commits finished ones (push style: :meth:`submit`,
+  :meth:`advance`, :meth:`completed`), see watcher/daemon.py;
+- evaluation passes its own ``finish`` that collects probabilities (training/evaluate.py);
+- :meth:`Classifier.process <engine.classifier.Classifier.process>` runs one list of jobs.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Generic, Hashable, Iterable, Iterator, TypeVar
+
+import numpy as np
+
+from engine.classifier import Classifier, Job
+from engine.decode import DecodedImage
+from engine.errors import ImageError
+
+log = logging.getLogger(__name__)
+
+PREFETCH_BATCHES = 2
+R = TypeVar("R")
+#: (job, decoded image, probabilities (C,), Grad-CAM map or None) -> the caller's record
+Finish = Callable[[Job, DecodedImage, np.ndarray, "np.ndarray | None"], R]
+#: (job, the decode error) -> the caller's record for a file that could not be decoded
+OnError = Callable[[Job, ImageError], R]
+
+
+class _Batch:
+    __slots__ = ("jobs", "tag", "decoding", "slots")
+
+    def __init__(self, jobs: list[Job], tag: Any, decoding: list[Future]) -> None:
+        self.jobs = jobs
+        self.tag = tag
+        self.decoding = decoding
+        self.slots: list[Future | Any] = []
+
+    def finished(self) -> bool:
+        return all(s.done() for s in self.slots if isinstance(s, Future))
+
+    def records(self) -> list[Any]:
+        return [s.result() if isinstance(s, Future) else s for s in self.slots]
+
+
+class Pipeline(Generic[R]):
+    """Batches of jobs in, ``(tag, records)`` out, oldest first.
+
+    ``finish`` defaults to :meth:`Classifier.finish` writing pictures into ``out_dir``
+    (fsync'ed when ``durable``); ``on_error`` to :meth:`Classifier.error_result`.
+    """
+
+    def __init__(self, classifier: Classifier, out_dir: Path | None = None, *,
+                 finish: Finish | None = None, on_error: OnError | None = None,
+                 prefetch: int = PREFETCH_BATCHES, durable: bool = False,
+                 threads: int | None = None) -> None:
+        self.classifier = classifier
+        if finish is None:
+            if out_dir is None:
+                raise ValueError("Pipeline needs out_dir or a finish function")
+            folder = Path(out_dir)
+
+            def finish(job, image, probs, cam):  # type: ignore[no-redef]
+                return classifier.finish(job, image, probs, cam, folder, durable)
+        self.finish: Finish = finish
+        self.on_error: OnError = on_error or classifier.error_result
+        self.prefetch = prefetch
+        self.pool = ThreadPoolExecutor(threads or classifier.settings.inference.threads,
+                                       thread_name_prefix="pawcam-io")
+        self._decoding: deque[_Batch] = deque()
+        self._finishing: deque[_Batch] = deque()
+
+    # -- push style ---------------------------------------------------------------------
+    def submit(self, jobs: list[Job], tag: Hashable = None) -> None:
+        """Start decoding ``jobs`` (one model batch); ``tag`` comes back with its records."""
+        self._decoding.append(_Batch(list(jobs), tag,
+                                     [self.pool.submit(self._decode, j) for j in jobs]))
+
+    @property
+    def waiting(self) -> int:
+        """Batches submitted that have not been through the model yet."""
+        return len(self._decoding)
+
+    @property
+    def in_flight(self) -> int:
+        """Batches submitted whose records have not been returned yet."""
+        return len(self._decoding) + len(self._finishing)
+
+    def advance(self) -> bool:
+        """Run the oldest waiting batch through the model (waits for its decoding).
+
+        Its finish steps start on the pool; returns False when nothing was waiting.
+        """
+        if not self._decoding:
+            return False
+        batch = self._decoding.popleft()
+        decoded = [f.result() for f in batch.decoding]
+        batch.decoding = []
+        good = [d for d in decoded if isinstance(d, DecodedImage)]
+        probs, cams = self.classifier.infer(good) if good else (None, None)
+        k = 0
+        for job, d in zip(batch.jobs, decoded):
+            if isinstance(d, DecodedImage):
+                cam = None if cams is None else cams[k]
+                batch.slots.append(self.pool.submit(self._finish, job, d, probs[k], cam))
+                k += 1
+            else:
+                batch.slots.append(self.on_error(job, d))
+        self._finishing.append(batch)
+        return True
+
+    def completed(self, keep: int = 0, wait: bool = True) -> Iterator[tuple[Any, list[R]]]:
+        """Finished batches, oldest first, while more than ``keep`` are finishing.
+
+        With ``wait=False`` only batches whose finish steps are already done come out.
+        """
+        while len(self._finishing) > keep:
+            if not wait and not self._finishing[0].finished():
+                return
+            batch = self._finishing.popleft()
+            yield batch.tag, batch.records()
+
+    # -- pull style ---------------------------------------------------------------------
+    def run(self, batches: Iterable[list[Job]]) -> Iterator[tuple[Any, list[R]]]:
+        """Every batch of ``batches`` through the pipeline; yields ``(index, records)``."""
+        for i, jobs in enumerate(batches):
+            self.submit(jobs, i)
+            if self.waiting > self.prefetch:
+                self.advance()
+                yield from self.completed(keep=1)
+        while self.advance():
+            yield from self.completed(keep=1)
+        yield from self.completed(keep=0)
+
+    def close(self, cancel: bool = False) -> None:
+        """Stop the pool; ``cancel`` drops queued decodes and pictures (Ctrl-C, failures)."""
+        self.pool.shutdown(wait=True, cancel_futures=cancel)
+
+    def __enter__(self) -> "Pipeline[R]":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(cancel=exc_type is not None)
+
+    # -- the steps on the pool ----------------------------------------------------------
+    def _decode(self, job: Job) -> DecodedImage | ImageError:
+        return self.classifier.try_decode(job)
+
+    def _finish(self, job: Job, image: DecodedImage, probs: np.ndarray,
+                cam: np.ndarray | None) -> R:
+        return self.finish(job, image, probs, cam)

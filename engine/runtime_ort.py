@@ -1,0 +1,132 @@
+"""The ONNX Runtime runtime: the compiled model ``pawcam export`` wrote, without TensorFlow.
+
+    runtime = OrtRuntime.open(Path("models/cat_dog_model.keras"), settings, need_maps=True)
+    probs, cams = runtime.run(batch, maps=True)     # same answers as TensorFlow's
+
+The graph returns the logits and, for a global-average-pooling -> Dense head, each unit's class
+map (see :mod:`engine.onnxio`); probabilities and the predicted class's Grad-CAM map are formed
+here with the same math as :mod:`engine.gradcam` (float64 calibrated probabilities, the
+predicted-class sign rule, ReLU, per-map normalisation).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from engine.config import Settings
+from engine.errors import ModelLoadError
+from engine.gradcam import calibrated_probabilities
+from engine.modelio import ModelMeta, file_sha256, read_meta
+from engine.onnxio import HOW_TO_EXPORT, ExportManifest, read_manifest
+
+log = logging.getLogger(__name__)
+
+
+def cams_from_class_maps(class_maps: np.ndarray, predicted: np.ndarray, binary: bool
+                         ) -> np.ndarray:
+    """Grad-CAM maps (N, h, w) in [0, 1] of the ``predicted`` classes from ``class_maps``.
+
+    ``class_maps[n, :, :, u] = sum_k A[n, :, :, k] * W[k, u]`` (W: the Dense kernel). For a GAP
+    head, Grad-CAM's channel weights of unit ``u`` are ``W[:, u] / (h * w)``, so the map is this
+    slice up to a positive factor, which the normalisation removes. A single sigmoid unit
+    explains the negative class with ``-z``, hence the sign flip.
+    """
+    maps = np.asarray(class_maps, dtype=np.float32)
+    predicted = np.asarray(predicted)
+    if binary:
+        sign = np.where(predicted == 1, 1.0, -1.0).astype(np.float32)
+        cams = maps[..., 0] * sign[:, None, None]
+    else:
+        cams = np.take_along_axis(maps, predicted.reshape(-1, 1, 1, 1), axis=3)[..., 0]
+    cams = np.maximum(cams, 0.0)
+    peak = cams.max(axis=(1, 2), keepdims=True)
+    return np.divide(cams, peak, out=np.zeros_like(cams), where=peak > 0).astype(np.float32)
+
+
+def choose_precision(requested: str, manifest: ExportManifest) -> str:
+    """``auto`` -> int8 when its recorded check passed, else fp32; ``int8`` must have passed."""
+    if requested == "fp32":
+        return "fp32"
+    refusal = manifest.int8_refusal()
+    if requested == "int8":
+        if refusal:
+            raise ModelLoadError(f"int8 cannot be used: {refusal}; use precision \"fp32\" (or "
+                                 "\"auto\"), or export again with more calibration data")
+        return "int8"
+    if refusal:
+        log.warning("int8 not used: %s; serving fp32", refusal)
+        return "fp32"
+    return "int8"
+
+
+class OrtRuntime:
+    name = "onnxruntime"
+
+    def __init__(self, session, meta: ModelMeta, precision: str, has_maps: bool,
+                 source: Path) -> None:
+        self.session = session
+        self.meta = meta
+        self.precision = precision
+        self.has_maps = has_maps
+        self.source = source
+        self.input_name = session.get_inputs()[0].name
+        self.output_names = [o.name for o in session.get_outputs()]
+        if "logits" not in self.output_names:
+            raise ModelLoadError(f"{source} has no 'logits' output; "
+                                 + HOW_TO_EXPORT.format(model=source))
+
+    @classmethod
+    def open(cls, model_path: Path, settings: Settings, *, need_maps: bool) -> "OrtRuntime":
+        """Open the export beside ``model_path`` (checked against the model's metadata)."""
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise ModelLoadError("onnxruntime is not installed; pip install onnxruntime (or "
+                                 "`make setup`), or use [inference] runtime = \"tensorflow\"") from exc
+        meta = read_meta(model_path)
+        if model_path.is_file() and meta.model_sha256 and file_sha256(model_path) != meta.model_sha256:
+            raise ModelLoadError(f"{model_path} and its metadata do not belong together; copy "
+                                 "both files from the same training run, then `pawcam export`")
+        manifest = read_manifest(model_path, meta)
+        if need_maps and not manifest.has_maps:
+            raise ModelLoadError(
+                "this model's head has no exact Grad-CAM in the ONNX export ("
+                f"{manifest.gradcam.get('reason', 'not exported')}); serve it with TensorFlow "
+                "([inference] runtime = \"tensorflow\") or without pictures (--no-gradcam)")
+        if settings.gradcam.target_layer and manifest.gradcam.get("target_layer") not in (
+                None, settings.gradcam.target_layer):
+            raise ModelLoadError(
+                f"[gradcam] target_layer = {settings.gradcam.target_layer!r} but the ONNX export "
+                f"explains {manifest.gradcam.get('target_layer')!r}; clear target_layer, or use "
+                "[inference] runtime = \"tensorflow\"")
+        precision = choose_precision(settings.inference.precision, manifest)
+        read_manifest(model_path, meta, verify=(precision,))  # the file we load is the one checked
+        if precision == "int8" and manifest.int8_temperature:
+            meta = dataclasses.replace(meta, temperature=float(manifest.int8_temperature))
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        onnx_path = manifest.path_for(precision)
+        try:
+            session = ort.InferenceSession(str(onnx_path), options,
+                                           providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own types for a corrupt file
+            raise ModelLoadError(f"cannot load {onnx_path} ({type(exc).__name__}: {exc}); "
+                                 + HOW_TO_EXPORT.format(model=model_path)) from exc
+        return cls(session, meta, precision, manifest.has_maps, onnx_path)
+
+    def run(self, images: np.ndarray, maps: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        batch = np.asarray(images, dtype=np.float32)
+        want = ["logits", "class_maps"] if maps and self.has_maps else ["logits"]
+        outputs = self.session.run(want, {self.input_name: batch})
+        probs = calibrated_probabilities(outputs[0], self.meta)
+        if len(outputs) == 1:
+            return probs, None
+        predicted = self.meta.predicted_indices(probs)
+        return probs, cams_from_class_maps(outputs[1], predicted, self.meta.binary)
+
+    def describe(self) -> str:
+        return f"onnxruntime {self.precision} (CPU, {self.source.name})"

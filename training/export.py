@@ -1,0 +1,391 @@
+"""``pawcam export``: compile a .keras model to ONNX (fp32 exact, int8 quantized) and check both.
+
+    manifest = export_model(Path("models/cat_dog_model.keras"), settings, data=Path("data"))
+    manifest.checks["fp32"]     # {"max_prob_diff": 0.0, "max_map_diff": 1e-06, "images": 64}
+    manifest.checks["int8"]     # {"accuracy": .., "fp32_accuracy": .., "agreement": .., "passed": ..}
+
+Steps, each a function:
+
+1. :func:`serving_graph` -- the model's own layers up to the Grad-CAM feature map, with two
+   outputs: ``logits`` (the last Dense layer without its activation) and, when the head is
+   global-average-pooling -> Dense (checked numerically: the Dense input equals the mean of the
+   feature map), ``class_maps`` = the feature map projected on the Dense weights (a 1x1
+   convolution), which is exactly what Grad-CAM needs (see :mod:`engine.onnxio`).
+2. Keras' own ONNX export (``model.export(format="onnx")``) writes the fp32 file.
+3. :func:`check_fp32` -- ONNX Runtime's probabilities and maps against TensorFlow's Grad-CAM.
+4. :func:`quantize_int8` -- ONNX Runtime static quantization (QDQ, per-channel weights),
+   calibrated on a seeded sample of the training photos decoded by the engine's decode path.
+5. :func:`check_int8` -- accuracy and label agreement with fp32 on the validation split (the
+   photos training held out), and int8's own temperature when its logits' scale moved.
+6. The manifest (hashes, outputs, checks) is written last, atomically: the runtime trusts only
+   files it lists with their sha256.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from engine.config import Settings
+from engine.decode import load_model_input
+from engine.errors import ConfigError, ImageError, ModelLoadError
+from engine.gradcam import GradCam
+from engine.modelio import LoadedModel, ModelMeta, file_sha256, load_model
+from engine.onnxio import ExportManifest, manifest_path_for, onnx_path_for
+from engine.runtime_ort import OrtRuntime, cams_from_class_maps
+from training.dataset import scan_split, stratified_split
+
+log = logging.getLogger("pawcam.export")
+
+#: photos the int8 calibration sees (seeded sample of the training part)
+CALIBRATION_IMAGES = 200
+#: photos the fp32 check compares with TensorFlow
+FP32_CHECK_IMAGES = 64
+#: int8 passes when it loses at most this much validation accuracy against fp32 ...
+INT8_MAX_ACCURACY_DROP = 0.01
+#: ... and agrees with fp32's label on at least this share of the validation photos
+INT8_MIN_AGREEMENT = 0.98
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportData:
+    """Photos for calibration (training part) and the int8 check (validation part)."""
+
+    calibration: list[Path]
+    validation: list[Path]
+    validation_labels: list[int]
+    source: str
+
+
+# -- 1. the graph -------------------------------------------------------------------------
+def serving_graph(loaded: LoadedModel, target_layer: str = "") -> tuple[Any, dict[str, Any]]:
+    """A Keras model ``image -> {"logits", "class_maps"?}`` and what it says about Grad-CAM."""
+    import keras
+
+    meta = loaded.meta
+    cam = GradCam(loaded.model, meta, target_layer)
+    h, w = meta.input_size
+    image = keras.Input(shape=(h, w, 3), dtype="float32", name="image")
+    acts, head_input = cam.features(image)
+    head = cam.head
+    outputs: dict[str, Any] = {}
+    if hasattr(head, "kernel"):
+        kernel = np.asarray(head.kernel)
+        bias = np.asarray(head.bias) if head.use_bias else None
+        dense = keras.layers.Dense(kernel.shape[1], use_bias=bias is not None, name="logits")
+        outputs["logits"] = dense(head_input)
+        dense.set_weights([kernel] + ([bias] if bias is not None else []))
+    else:  # an Activation after a linear layer: its input already is the logits
+        kernel = None
+        outputs["logits"] = keras.layers.Identity(name="logits")(head_input)
+    info: dict[str, Any] = {"target_layer": cam.target_layer, "exact": False}
+    reason = _gap_dense_reason(cam, kernel, meta)
+    if reason:
+        info["reason"] = reason
+        log.warning("the ONNX export will have no Grad-CAM maps: %s (TensorFlow still serves "
+                    "them)", reason)
+    else:
+        k, units = kernel.shape
+        project = keras.layers.Conv2D(units, 1, use_bias=False, name="class_maps")
+        outputs["class_maps"] = project(acts)
+        project.set_weights([kernel.reshape(1, 1, k, units)])
+        info["exact"] = True
+        info["method"] = "gradcam"
+    model = keras.Model(image, outputs, name="pawcam_serving")
+    model(np.zeros((1, h, w, 3), np.float32))  # Keras exports only a model that was called
+    return model, info
+
+
+def _gap_dense_reason(cam: GradCam, kernel: np.ndarray | None, meta: ModelMeta) -> str:
+    """"" when the head input is the spatial mean of the Grad-CAM layer (exact class maps)."""
+    if kernel is None:
+        return "the head is not a Dense layer on pooled features"
+    h, w = meta.input_size
+    x = np.random.default_rng(1).uniform(0, 255, size=(2, h, w, 3)).astype(np.float32)
+    acts, head_input = cam.features(x, training=False)
+    acts, head_input = np.asarray(acts), np.asarray(head_input)
+    if acts.ndim != 4 or head_input.shape != (2, acts.shape[-1]):
+        return (f"the Dense layer does not read the Grad-CAM layer's {acts.shape[-1]} channels "
+                "through global average pooling")
+    if not np.allclose(acts.mean(axis=(1, 2)), head_input, rtol=1e-4, atol=1e-5):
+        return "the layers between the Grad-CAM layer and the Dense head are not a global average pool"
+    return ""
+
+
+# -- 2-5. files and checks ------------------------------------------------------------------
+def write_onnx(model: Any, path: Path) -> None:
+    """Keras' ONNX export into ``path`` (atomically)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        model.export(str(tmp), format="onnx", verbose=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _decode_batches(paths: Sequence[Path], settings: Settings, meta: ModelMeta,
+                    batch: int = 32) -> Iterator[tuple[np.ndarray, list[int]]]:
+    """(images, kept indices) batches decoded by the engine's own path; bad files skipped."""
+    d = settings.decode
+    for start in range(0, len(paths), batch):
+        images, kept = [], []
+        for i in range(start, min(len(paths), start + batch)):
+            try:
+                images.append(load_model_input(paths[i], input_size=meta.input_size,
+                                               max_pixels=d.max_image_pixels,
+                                               max_bytes=d.max_file_bytes,
+                                               reduced_jpeg=d.reduced_jpeg,
+                                               reduced_jpeg_min_side=d.reduced_jpeg_min_side))
+                kept.append(i)
+            except ImageError as exc:
+                log.warning("export: skipping %s: %s", paths[i], exc)
+        if images:
+            yield np.stack(images).astype(np.float32), kept
+
+
+def check_fp32(loaded: LoadedModel, runtime: OrtRuntime, images: np.ndarray,
+               target_layer: str = "") -> dict[str, Any]:
+    """Largest differences between ONNX Runtime fp32 and TensorFlow (probabilities, maps)."""
+    cam = GradCam(loaded.model, loaded.meta, target_layer)
+    prob_diff, map_diff = 0.0, 0.0
+    for start in range(0, len(images), 16):
+        x = images[start:start + 16]
+        tf_probs, tf_maps = cam(x)
+        ort_probs, ort_maps = runtime.run(x, maps=runtime.has_maps)
+        prob_diff = max(prob_diff, float(np.abs(tf_probs - ort_probs).max()))
+        if ort_maps is not None:
+            map_diff = max(map_diff, float(np.abs(tf_maps - ort_maps).max()))
+    result = {"images": int(len(images)), "max_prob_diff": prob_diff}
+    if runtime.has_maps:
+        result["max_map_diff"] = map_diff
+    return result
+
+
+class _Calibration:
+    """onnxruntime's CalibrationDataReader over decoded photos (one batch at a time)."""
+
+    def __init__(self, batches: Iterator[tuple[np.ndarray, list[int]]], input_name: str) -> None:
+        self.batches = batches
+        self.input_name = input_name
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        for images, _ in self.batches:
+            return {self.input_name: images}
+        return None
+
+
+@contextlib.contextmanager
+def _quiet_root() -> Iterator[None]:
+    """onnxruntime's quantizer logs every rescaled weight at INFO on the root logger."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def quantize_int8(fp32: Path, int8: Path, calibration: Sequence[Path], settings: Settings,
+                  meta: ModelMeta) -> None:
+    """Static QDQ quantization with per-channel weights, calibrated on ``calibration``."""
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(prefix="pawcam-export-") as tmp, _quiet_root():
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        tmp_out = int8.with_name(f".{int8.name}.{os.getpid()}.tmp")
+        try:
+            quantize_static(
+                str(prepared), str(tmp_out),
+                _Calibration(_decode_batches(calibration, settings, meta, 16), "image"),
+                quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax)
+            os.replace(tmp_out, int8)
+        finally:
+            tmp_out.unlink(missing_ok=True)
+
+
+def map_correlation(a: np.ndarray, b: np.ndarray) -> list[float]:
+    """Pearson correlation of each pair of maps (N, h, w); NaN where a map is constant."""
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    norm = np.sqrt((a ** 2).sum(axis=1) * (b ** 2).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return list((a * b).sum(axis=1) / norm)
+
+
+def check_int8(fp32: OrtRuntime, int8: OrtRuntime, data: ExportData, settings: Settings
+               ) -> dict[str, Any]:
+    """int8 vs fp32 on the validation photos: accuracy, agreement, logit scale, passed."""
+    meta = fp32.meta
+    z32, z8, labels, correlations = [], [], [], []
+    for images, kept in _decode_batches(data.validation, settings, meta):
+        p32, maps32 = fp32.run(images, maps=fp32.has_maps)
+        z32.append(fp32.session.run(["logits"], {fp32.input_name: images})[0])
+        z8.append(int8.session.run(["logits"], {int8.input_name: images})[0])
+        labels.extend(data.validation_labels[i] for i in kept)
+        if maps32 is not None:  # int8's map of the class fp32 predicts, against fp32's
+            outputs = int8.session.run(["class_maps"], {int8.input_name: images})[0]
+            maps8 = cams_from_class_maps(outputs, meta.predicted_indices(p32), meta.binary)
+            correlations.extend(map_correlation(maps8, maps32))
+    if not labels:
+        return {"passed": False, "reason": "no validation photo could be decoded"}
+    z32_all, z8_all = np.concatenate(z32), np.concatenate(z8)
+    y = np.asarray(labels)
+    from engine.gradcam import calibrated_probabilities
+
+    p32 = calibrated_probabilities(z32_all, meta)
+    pred32 = meta.predicted_indices(p32)
+    # int8's own temperature: the least-squares scale of its logits against fp32's
+    scale = float((z8_all * z32_all).sum() / max((z32_all ** 2).sum(), 1e-12))
+    temperature = meta.temperature * scale if abs(scale - 1.0) > 0.02 and scale > 0 else None
+    meta8 = dataclasses.replace(meta, temperature=temperature or meta.temperature)
+    p8 = calibrated_probabilities(z8_all, meta8)
+    pred8 = meta8.predicted_indices(p8)
+    acc32, acc8 = float((pred32 == y).mean()), float((pred8 == y).mean())
+    agreement = float((pred8 == pred32).mean())
+    passed = acc8 >= acc32 - INT8_MAX_ACCURACY_DROP and agreement >= INT8_MIN_AGREEMENT
+    result: dict[str, Any] = {}
+    if correlations:
+        result["map_correlation_mean"] = round(float(np.nanmean(correlations)), 4)
+    return result | {"images": int(len(y)), "fp32_accuracy": round(acc32, 5), "accuracy": round(acc8, 5),
+            "agreement": round(agreement, 5), "logit_scale": round(scale, 5),
+            "max_prob_diff": round(float(np.abs(p8 - p32).max()), 5),
+            "temperature": temperature, "passed": bool(passed),
+            "rule": f"accuracy >= fp32 - {INT8_MAX_ACCURACY_DROP} and agreement >= "
+                    f"{INT8_MIN_AGREEMENT}"}
+
+
+# -- the data -------------------------------------------------------------------------------
+def export_data(meta: ModelMeta, data: Path | None, *, calibration_images: int = CALIBRATION_IMAGES,
+                seed: int = 0) -> ExportData | None:
+    """The training photos of ``data`` (default: the folder the model was trained on).
+
+    The validation split is rebuilt with the seed and fraction recorded in the metadata, so the
+    int8 check runs on photos the model did not train on. None when no folder is available.
+    """
+    recorded = (meta.extra.get("data") or {})
+    folder = Path(data) if data else (Path(recorded["root"]) if recorded.get("root") else None)
+    if folder is None or not folder.is_dir():
+        return None
+    train_dir = folder / "train" if (folder / "train").is_dir() else folder
+    layout = scan_split(train_dir, meta.class_names)
+    labels = np.asarray(layout.labels)
+    fraction = float(recorded.get("validation_fraction", 0.1))
+    split_seed = int(meta.extra.get("seed", seed))
+    train_idx, val_idx = stratified_split(labels, fraction, split_seed)
+    rng = np.random.default_rng(split_seed + 7)
+    calib = rng.permutation(train_idx)[:calibration_images]
+    return ExportData([layout.files[i] for i in sorted(calib)],
+                      [layout.files[i] for i in val_idx], [int(labels[i]) for i in val_idx],
+                      str(folder))
+
+
+# -- all of it ------------------------------------------------------------------------------
+def export_model(model_path: Path, settings: Settings, *, data: Path | None = None,
+                 int8: bool = True, calibration_images: int = CALIBRATION_IMAGES
+                 ) -> ExportManifest:
+    """Write ``<model>.fp32.onnx``, ``<model>.int8.onnx`` and ``<model>.export.json``."""
+    import keras
+    import onnx
+    import onnxruntime
+
+    t0 = time.perf_counter()
+    logging.getLogger("tf2onnx").setLevel(logging.WARNING)
+    model_path = Path(model_path)
+    loaded = load_model(model_path)
+    meta = loaded.meta
+    graph, gradcam = serving_graph(loaded, settings.gradcam.target_layer)
+    fp32_path = onnx_path_for(model_path, "fp32")
+    write_onnx(graph, fp32_path)
+    files = {"fp32": {"file": fp32_path.name, "sha256": file_sha256(fp32_path)}}
+    source = ExportManifest(meta.model_sha256, files, gradcam, folder=model_path.parent)
+    fp32 = _runtime(source, meta, "fp32")
+
+    found = export_data(meta, data, calibration_images=calibration_images) if int8 else None
+    if found and found.validation:
+        check_images = np.concatenate([x for x, _ in _decode_batches(
+            found.validation[:FP32_CHECK_IMAGES], settings, meta)])
+    else:
+        h, w = meta.input_size
+        check_images = np.random.default_rng(0).uniform(
+            0, 255, (16, h, w, 3)).astype(np.float32)
+    checks: dict[str, Any] = {"fp32": check_fp32(loaded, fp32, check_images,
+                                                 settings.gradcam.target_layer)}
+    log.info("fp32 ONNX vs TensorFlow on %d images: max probability difference %.2g%s",
+             checks["fp32"]["images"], checks["fp32"]["max_prob_diff"],
+             f", max map difference {checks['fp32']['max_map_diff']:.2g}"
+             if "max_map_diff" in checks["fp32"] else "")
+    int8_temperature = None
+    int8_path = onnx_path_for(model_path, "int8")
+    if not int8:
+        checks["int8"] = {"passed": False, "reason": "not requested (--no-int8)"}
+    elif found is None or not found.calibration:
+        checks["int8"] = {"passed": False, "reason": "no training photos to calibrate on; "
+                                                     "pass --data DIR"}
+        log.warning("int8 not exported: %s", checks["int8"]["reason"])
+    else:
+        log.info("quantizing to int8 (calibration: %d training photos of %s)",
+                 len(found.calibration), found.source)
+        quantize_int8(fp32_path, int8_path, found.calibration, settings, meta)
+        files["int8"] = {"file": int8_path.name, "sha256": file_sha256(int8_path)}
+        checks["int8"] = check_int8(fp32, _runtime(source, meta, "int8"), found, settings)
+        checks["int8"]["calibration_images"] = len(found.calibration)
+        checks["int8"]["data"] = found.source
+        int8_temperature = checks["int8"]["temperature"]
+        log.info("int8 vs fp32 on %d validation photos: accuracy %.4f vs %.4f, agreement %.4f: "
+                 "%s", checks["int8"]["images"], checks["int8"]["accuracy"],
+                 checks["int8"]["fp32_accuracy"], checks["int8"]["agreement"],
+                 "passed" if checks["int8"]["passed"] else "FAILED (int8 will not be served)")
+    if "int8" not in files:
+        int8_path.unlink(missing_ok=True)  # never leave an int8 file the manifest does not vouch for
+    manifest = dataclasses.replace(
+        source, checks=checks, int8_temperature=int8_temperature,
+        created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        versions={"keras": keras.__version__, "onnx": onnx.__version__,
+                  "onnxruntime": onnxruntime.__version__})
+    path = manifest_path_for(model_path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(manifest.to_json(), encoding="utf-8")
+    os.replace(tmp, path)
+    log.info("exported %s in %.1f s: %s", model_path, time.perf_counter() - t0,
+             ", ".join(f["file"] for f in files.values()))
+    return manifest
+
+
+def _runtime(manifest: ExportManifest, meta: ModelMeta, precision: str) -> OrtRuntime:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    path = manifest.path_for(precision)
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return OrtRuntime(session, meta, precision, manifest.has_maps, path)
+
+
+def require_export_tools() -> None:
+    """A clear error when the export's packages are missing."""
+    for name in ("onnx", "onnxruntime", "tf2onnx"):
+        try:
+            __import__(name)
+        except ImportError as exc:
+            raise ConfigError(f"`pawcam export` needs {name}: pip install onnx onnxruntime "
+                              "tf2onnx (or `make setup`)") from exc
+
+
+__all__ = ["export_model", "serving_graph", "check_fp32", "check_int8", "quantize_int8",
+           "export_data", "ModelLoadError"]
