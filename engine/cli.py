@@ -35,6 +35,9 @@ EXIT_MODEL = 3
 EXIT_INTERRUPTED = 130
 
 DEFAULT_CONFIG = Path("config.toml")
+#: modules that come with an extra (pyproject.toml), and which one
+OPTIONAL_MODULES = {"tensorflow": "train", "keras": "train", "matplotlib": "train",
+                    "onnx": "train", "tf2onnx": "train"}
 log = logging.getLogger("pawcam")
 
 Handler = Callable[[argparse.Namespace, Settings], int]
@@ -128,6 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_MODEL
     except PawcamError as exc:
         log.error("%s", exc)
+        return EXIT_USAGE
+    except ModuleNotFoundError as exc:
+        if exc.name not in OPTIONAL_MODULES:
+            raise
+        log.error("%s is not installed: %s needs the %r extra (pip install 'pawcam[%s]', or "
+                  "`make setup`)", exc.name, args.command, OPTIONAL_MODULES[exc.name],
+                  OPTIONAL_MODULES[exc.name])
         return EXIT_USAGE
     except KeyboardInterrupt:
         log.error("interrupted")

@@ -17,6 +17,7 @@ honoured is a :class:`ModelLoadError` saying what to do; ``auto`` falls back wit
 from __future__ import annotations
 
 import glob
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -94,6 +95,10 @@ def open_runtime(settings: Settings, *, model_path: str | Path | None = None,
                 raise
             log.warning("ONNX Runtime not used: %s; serving with TensorFlow instead (slower "
                         "start and throughput on a CPU)", exc)
+    if importlib.util.find_spec("tensorflow") is None:
+        raise ModelLoadError("TensorFlow is not installed (the base install serves with ONNX "
+                             "Runtime only): pip install 'pawcam[train]', or fix the ONNX export "
+                             "as said above (`pawcam export` needs the train extra too)")
     from engine.runtime_tf import TfRuntime
 
     runtime = TfRuntime.open(path, settings)

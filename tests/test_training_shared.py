@@ -39,3 +39,26 @@ def test_shipped_model_scores_on_real_test_photos(shared_dir, tmp_path):
     assert accuracy >= 0.98, f"accuracy {accuracy:.3f} on the 200-photo sample"
     # calibrated probabilities, temperature from the metadata
     assert clf.meta.temperature > 0 and clf.meta.target_layer == "out_relu"
+
+
+def test_shipped_int8_is_within_two_tenths_of_a_point_of_fp32(shared_dir):
+    """All 2,000 test photos through ONNX Runtime fp32 and int8 (the shipped export)."""
+    from engine.config import replace
+    from engine.onnxio import manifest_path_for
+    from engine.runtime import open_runtime
+    from training.evaluate import evaluate_folder
+
+    if not manifest_path_for(MODEL).is_file():
+        pytest.skip("the shipped model has no ONNX export")
+    settings = load_settings(None)
+    settings = replace(settings, model=replace(settings.model, path=MODEL))
+    accuracy = {}
+    for precision in ("fp32", "int8"):
+        s = replace(settings, inference=replace(settings.inference, runtime="onnxruntime",
+                                                precision=precision))
+        runtime = open_runtime(s, need_maps=False)
+        assert runtime.precision == precision
+        accuracy[precision] = evaluate_folder(s, runtime, shared_dir / "dataset" / "test",
+                                              gallery_size=0).metrics["accuracy"]
+    assert accuracy["fp32"] >= 0.985, accuracy
+    assert accuracy["int8"] >= accuracy["fp32"] - 0.002, accuracy
