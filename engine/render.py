@@ -30,8 +30,13 @@ def _upsample(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def attention_gray(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """CAM in [0, 1] upsampled to ``size`` (h, w) as 8-bit grayscale (white = attention)."""
-    return np.clip(_upsample(cam, size) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    """CAM in [0, 1] upsampled to ``size`` (h, w) as 8-bit grayscale (white = attention).
+
+    Scaled to 0-255 (+0.5 for rounding) before the bicubic upsampling, whose weights sum to one,
+    so the big array needs one clip and one conversion only.
+    """
+    up = _upsample(np.asarray(cam, np.float32) * 255.0 + 0.5, size)
+    return np.clip(up, 0, 255, out=up).astype(np.uint8)
 
 
 def colorize(gray: np.ndarray, colormap: str = "jet") -> np.ndarray:
