@@ -1,14 +1,15 @@
 """Files in, results out: decode, batched inference with Grad-CAM, pictures, result rows.
 
-    clf = Classifier(settings)                      # loads [model] path, picks the device
+    clf = Classifier(settings)                      # opens the runtime [inference] asks for
     jobs = [Job(Path("a.jpg"), "a.jpg", "run1-000001")]
     results = clf.process(jobs, out_dir=Path("outbox"))
     ResultsCsv(out_dir / "results.csv", clf.meta.class_names).append(results)
 
-The three stages are public so a caller can overlap them (the bulk runner does):
-:meth:`Classifier.decode` (thread-safe, no TensorFlow), :meth:`Classifier.infer` (one batch on
-the device) and :meth:`Classifier.finish` (pictures + row, thread-safe). A bad file never
-raises out of :meth:`process`: it becomes an ``error`` result with a clear message.
+The three stages are public so that the one pipeline (:mod:`engine.pipeline`) can overlap them:
+:meth:`Classifier.decode` (thread-safe), :meth:`Classifier.infer` (one batch on the runtime:
+ONNX Runtime or TensorFlow, see :mod:`engine.runtime`) and :meth:`Classifier.finish` (pictures +
+row, thread-safe). A bad file never raises out of :meth:`process`: it becomes an ``error``
+result with a clear message.
 """
 from __future__ import annotations
 
