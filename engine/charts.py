@@ -15,6 +15,7 @@ from typing import Sequence
 W, H = 640, 200
 PAD_L, PAD_R, PAD_T, PAD_B = 44, 12, 26, 30
 PALETTE = ("#2e86de", "#e67e22", "#8e44ad", "#16a085", "#c0392b", "#7f8c8d")
+LABEL_COLORS = {"cat": "#2e86de", "dog": "#e67e22", "uncertain": "#8e44ad", "error": "#c0392b"}
 
 
 def _frame(title: str, body: list[str], ymax: float) -> str:
@@ -64,8 +65,9 @@ def line_chart(values: Sequence[float], ticks: Sequence[tuple[int, str]] = (), *
     return _frame(title, body, ymax)
 
 
-def bar_chart(items: Sequence[tuple[str, float]], *, title: str = "") -> str:
-    """One bar per ``(label, value)``, value written above it."""
+def bar_chart(items: Sequence[tuple[str, float]], *, title: str = "",
+              colors: dict[str, str] | None = None) -> str:
+    """One bar per ``(label, value)``, value written above it; ``colors``: label -> color."""
     n = max(1, len(items))
     ymax = _nice_max([v for _, v in items])
     iw, ih = W - PAD_L - PAD_R, H - PAD_T - PAD_B
@@ -73,10 +75,11 @@ def bar_chart(items: Sequence[tuple[str, float]], *, title: str = "") -> str:
     body = []
     for i, (label, value) in enumerate(items):
         h = ih * value / ymax
+        fill = escape((colors or {}).get(label, PALETTE[i % len(PALETTE)]))
         bx = PAD_L + i * slot + slot * 0.15
         body += [
             f'<rect x="{bx:.1f}" y="{PAD_T + ih - h:.1f}" width="{slot * 0.7:.1f}" '
-            f'height="{h:.1f}" fill="{PALETTE[i % len(PALETTE)]}"/>',
+            f'height="{h:.1f}" fill="{fill}"/>',
             f'<text x="{bx + slot * 0.35:.1f}" y="{PAD_T + ih - h - 3:.1f}" text-anchor="middle" '
             f'class="chart-value">{escape(f"{value:g}")}</text>',
             f'<text x="{bx + slot * 0.35:.1f}" y="{H - PAD_B + 16}" text-anchor="middle" '

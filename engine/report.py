@@ -28,7 +28,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from engine.charts import bar_chart, line_chart
+from engine.charts import LABEL_COLORS, bar_chart, line_chart
 from engine.errors import PawcamError
 from engine.results import STATUS_ERROR, UNCERTAIN, unneutralize
 
@@ -192,7 +192,8 @@ def render_report(csv_path: Path, *, embed: bool = False, max_items: int = 5000,
     rate = summary.total / summary.seconds if summary.seconds > 0 else 0.0
     ticks = [(i, m[11:]) for i, m in enumerate(minutes)][::max(1, len(minutes) // 6)]
     charts = [
-        bar_chart([(k, summary.labels[k]) for k in labels], title="rows per label"),
+        bar_chart([(k, summary.labels[k]) for k in labels], title="rows per label",
+                  colors=LABEL_COLORS),
         bar_chart([(f"{k / 20:.2f}", c) for k, c in enumerate(summary.confidences)],
                   title="confidence of the predicted class (bins of 0.05)"),
         line_chart([summary.per_minute[m] for m in minutes], ticks,

@@ -36,7 +36,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from engine.charts import bar_chart, histogram_chart, line_chart
+from engine.charts import LABEL_COLORS, bar_chart, line_chart
 from engine.results import PICTURE_KINDS, UNCERTAIN
 from watcher.status import pid_alive, read_status
 from watcher.web import files
@@ -399,7 +399,7 @@ def dashboard_context(web: WebApp, hours: int) -> dict[str, Any]:
         "throughput_svg": line_chart(rows, ticks, title=f"files per minute, last {hours} h"),
         "errors_svg": line_chart(errs, ticks, title=f"errors per minute, last {hours} h",
                                  color="#c0392b"),
-        "labels_svg": bar_chart(list(counts.items()), title="label mix (all rows)"),
+        "labels_svg": bar_chart(list(counts.items()), title="label mix (all rows)", colors=LABEL_COLORS),
     }
 
 
