@@ -210,6 +210,8 @@ def test_token_is_required_off_loopback_and_checked(tmp_path):
         cookie = login.headers["set-cookie"].split(";")[0]
         assert "httponly" in login.headers["set-cookie"].lower()
         assert server.get("/", Cookie=cookie).status == 200
+        assert server.get("/api/status", Host="192.0.2.7:8000",          # reached by its IP
+                          Authorization=f"Bearer {token}").status == 200
 
 
 def test_the_index_follows_a_csv_growing_while_the_app_runs(tmp_path):

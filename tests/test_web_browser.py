@@ -4,7 +4,7 @@ Loads the results page, filters to ``uncertain``, opens a detail page, checks ho
 show as text, and uploads a photo through the page's file input that a real daemon then
 classifies (the row appears on the page). Skips, saying why, where Chromium or its driver is
 missing; in CI (CI=true; .ci/run installs them) a missing browser is a failure instead.
-With PAWCAM_SCREENSHOTS=DIR the pages are saved there as PNGs (README's screenshots).
+With PAWCAM_SCREENSHOTS=DIR the pages are saved there as JPEGs (README's screenshots).
 """
 from __future__ import annotations
 
@@ -59,8 +59,13 @@ def _wait(fn, timeout=30.0, what="condition"):
 def _shot(driver, name: str) -> None:
     folder = os.environ.get("PAWCAM_SCREENSHOTS")
     if folder:
+        import io
+
+        from PIL import Image
+
         Path(folder).mkdir(parents=True, exist_ok=True)
-        driver.save_screenshot(str(Path(folder) / f"{name}.png"))
+        shot = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
+        shot.save(Path(folder) / f"{name}.jpg", quality=82)
 
 
 def _images_loaded(driver) -> bool:
@@ -141,6 +146,56 @@ def test_browse_filter_detail_and_upload_classified_by_a_real_daemon(tmp_path, t
             _shot(driver, "dashboard")
             logs = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
             assert not logs, logs                               # no CSP violations, no JS errors
+    finally:
+        if driver is not None:
+            driver.quit()
+        daemon.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_shipped_model_on_real_photos_in_the_browser(tmp_path, shared_dir):
+    """The shipped model through a real daemon on 6 cats and 6 dogs of ../shared: the results
+    page shows the right labels, the detail page the photo and pictures (the README's
+    screenshots come from here with PAWCAM_SCREENSHOTS=docs/screenshots)."""
+    from selenium.webdriver.common.by import By
+
+    model = Path(__file__).resolve().parents[1] / "models" / "cat_dog_model.keras"
+    cfg = write_config(tmp_path, model)
+    cfg.write_text(cfg.read_text().replace("max_side = 64", "max_side = 320"))
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    daemon = DaemonProc(cfg)
+    driver = None
+    try:
+        daemon.wait_running(timeout=180)
+        for label in ("cat", "dog"):
+            for src in sorted((shared_dir / "dataset" / "test" / label).glob("*.jpg"))[:6]:
+                shutil.copyfile(src, tmp_path / src.name)
+                os.rename(tmp_path / src.name, inbox / src.name)
+        rows = wait_rows(daemon, outbox, 12, 120)
+        right = sum(r["label"] == r["input_path"].split(".")[0] for r in rows)
+        assert right >= 11, [(r["input_path"], r["label"]) for r in rows]
+        app = create_app(Source.for_outbox(outbox, inbox, WatcherSettings()),
+                         ServeSettings(refresh_seconds=0))
+        with Server(app) as server:
+            driver = _browser()
+            driver.get(server.base + "/")
+            _wait(lambda: _images_loaded(driver), what="thumbnails")
+            shown = {e.get_attribute("textContent"): e for e in
+                     driver.find_elements(By.CSS_SELECTOR, "article.card .name")}
+            assert len(shown) == 12
+            labels = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "article.card .label")]
+            assert labels.count("cat") >= 5 and labels.count("dog") >= 5
+            _shot(driver, "results")
+            driver.get(server.base + "/?label=dog&sort=conf_desc")
+            driver.find_elements(By.CSS_SELECTOR, "article.card a")[0].click()
+            _wait(lambda: "/results/" in driver.current_url, what="detail page")
+            _wait(lambda: _images_loaded(driver), what="detail pictures")
+            assert driver.find_element(By.ID, "detail-label").text == "dog"
+            _shot(driver, "detail")
+            driver.get(server.base + "/dashboard")
+            assert "running" in driver.find_element(By.ID, "d-state").text
+            _shot(driver, "dashboard")
     finally:
         if driver is not None:
             driver.quit()

@@ -62,8 +62,10 @@ def test_filters_and_pages_match_a_plain_scan(tmp_path):
     asc = _all(index, Query(sort="conf_asc"), limit=4)
     assert asc[len(errors):] == [r.job_id for r in reversed(by_conf)]
     assert _all(index, Query(q="PHOTO001")) == [f"t1-{i:06d}" for i in range(19, 9, -1)]
-    day2 = _all(index, Query(since="2026-12-02", until="2026-12-03"))
+    day2 = _all(index, Query(since="2026-12-02", until="2026-12-03"), limit=4)
     assert day2 == [f"t1-{i:06d}" for i in range(18, 9, -1)]  # 19 is an error row (no date set)
+    assert _all(index, Query(since="2026-12-02", until="2026-12-03", sort="old"), limit=2) == \
+        day2[::-1]
     assert index.label_counts() == {"cat": 12, "dog": 9, "error": 3, "uncertain": 6}
 
 
@@ -142,3 +144,28 @@ def test_a_replaced_csv_or_a_corrupt_index_is_rebuilt(tmp_path):
 def test_missing_csv_is_an_empty_index(tmp_path):
     index = _index(tmp_path)
     assert index.refresh() == 0 and index.query(Query()).rows == []
+
+
+@pytest.mark.parametrize("text", [
+    'a,b\r\n', 'a,b\r\n"x\r\ny",1\r\n', 'a,b\r\n"x\r\n', 'a,"b""\r\n""c"\r\nd', '', 'abc',
+    '"q""\r\n', 'h\r\n"é\r\n",1\r\n"z', 'h\r\n"a""b",1\r\n"c\r\n""d""\r\n',
+])
+def test_record_end_on_bytes_matches_the_engine_rule(text):
+    from engine.results import last_complete_record_end
+    from watcher.web.index import complete_end
+
+    want = len(text[:last_complete_record_end(text)].encode("utf-8"))
+    assert complete_end(text.encode("utf-8")) == want
+
+
+def test_per_minute_counts_follow_appends(tmp_path):
+    rows = [make_result(i, processed_at=f"2026-12-01T10:0{i // 3}:00.000Z") for i in range(6)]
+    rows.append(make_result(6, status="error", error="x", processed_at="2026-12-01T10:01:30.000Z"))
+    csv = write_outbox(tmp_path / "out", rows)
+    index = _index(tmp_path)
+    index.refresh()
+    assert index.per_minute("2026-12-01T10:00") == [("2026-12-01T10:00", 3, 0),
+                                                    ("2026-12-01T10:01", 4, 1)]
+    csv.append([make_result(7, processed_at="2026-12-01T10:01:59.000Z")])
+    index.refresh()
+    assert index.per_minute("2026-12-01T10:01:00") == [("2026-12-01T10:01", 5, 1)]

@@ -441,7 +441,9 @@ class Guard:
         self.app = app
         self.token = scfg.effective_token.encode()
         hosts = {"localhost", "127.0.0.1", "::1", bound_host.lower().strip("[]")}
-        self.any_host = "*" in scfg.allowed_hosts
+        # With a token, a rebinding page cannot get in anyway: any Host is accepted unless
+        # allowed_hosts narrows it.
+        self.any_host = "*" in scfg.allowed_hosts or bool(self.token and not scfg.allowed_hosts)
         self.hosts = hosts | {h.lower() for h in scfg.allowed_hosts}
 
     async def __call__(self, scope, receive, send) -> None:
@@ -494,7 +496,17 @@ class Guard:
 
 # -- the app ------------------------------------------------------------------------------------
 def index_path_for(source: Source, scfg: ServeSettings) -> Path:
-    return Path(scfg.index_path) if scfg.index_path else source.root / INDEX_NAME
+    """[serve] index_path; else beside the CSV; else (a read-only outbox) in the user's cache."""
+    if scfg.index_path:
+        return Path(scfg.index_path)
+    if os.access(source.root, os.W_OK) or not source.root.is_dir():
+        return source.root / INDEX_NAME
+    import hashlib
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pawcam"
+    digest = hashlib.sha256(str(source.csv_path.resolve()).encode()).hexdigest()[:16]
+    log.info("%s is read-only: the index goes in %s", source.root, cache)
+    return cache / f"index-{digest}.sqlite"
 
 
 def check_binding(host: str, scfg: ServeSettings) -> None:

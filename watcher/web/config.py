@@ -33,7 +33,7 @@ class ServeSettings:
     #: cookie set by /login); required when host is not loopback. Env PAWCAM_SERVE_TOKEN wins.
     token: str = ""
     #: extra Host header values accepted (DNS-rebinding guard); loopback names and the bound
-    #: host are always accepted; "*" accepts any (only sensible behind a proxy that checks)
+    #: host are always accepted; "*" accepts any. With a token and no list, any is accepted.
     allowed_hosts: tuple[str, ...] = ()
     #: hide upload and refuse POST /api/upload
     read_only: bool = False
