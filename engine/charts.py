@@ -55,7 +55,9 @@ def line_chart(values: Sequence[float], ticks: Sequence[tuple[int, str]] = (), *
     y = lambda v: PAD_T + ih * (1 - v / ymax)  # noqa: E731
     pts = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(values))
     body = []
-    if values:
+    if len(values) == 1:                  # one point: a dot, not an invisible line
+        body.append(f'<circle cx="{x(0):.1f}" cy="{y(values[0]):.1f}" r="3" fill="{color}"/>')
+    elif values:
         area = f"{x(0):.1f},{H - PAD_B} {pts} {x(n - 1):.1f},{H - PAD_B}"
         body += [f'<polygon points="{area}" fill="{color}" fill-opacity="0.15"/>',
                  f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="1.5"/>']

@@ -178,7 +178,8 @@ function apply(){var lab=l.value,lo=parseFloat(a.value),hi=parseFloat(b.value),
 s=q.value.toLowerCase(),k=0;cards.forEach(function(c){var cf=parseFloat(c.dataset.conf),
 ok=(!lab||c.dataset.label===lab)&&(isNaN(lo)||cf>=lo)&&(isNaN(hi)||cf<=hi)&&
 (!s||c.dataset.name.indexOf(s)>=0);c.classList.toggle('hidden',!ok);if(ok)k++;});
-n.textContent=k;}[l,a,b,q].forEach(function(e){e.addEventListener('input',apply);});apply();})();
+n.textContent=k;}[l,a,b,q].forEach(function(e){e.addEventListener('input',apply);
+e.addEventListener('change',apply);});apply();})();
 """
 
 
@@ -201,7 +202,7 @@ def render_report(csv_path: Path, *, embed: bool = False, max_items: int = 5000,
     ]
     tiles = [("rows", f"{summary.total:,}"), ("errors", f"{summary.errors:,}"),
              *((k, f"{summary.labels[k]:,}") for k in labels if k != "error"),
-             ("throughput", f"{rate:.1f} files/s" if rate else "—"),
+             ("throughput, first to last row", f"{rate:.1f} files/s" if rate else "—"),
              ("from", summary.first[:19].replace("T", " ") or "—"),
              ("to", summary.last[:19].replace("T", " ") or "—"),
              ("model", ", ".join(summary.models) or "—")]

@@ -200,3 +200,35 @@ def test_shipped_model_on_real_photos_in_the_browser(tmp_path, shared_dir):
         if driver is not None:
             driver.quit()
         daemon.stop()
+
+
+def test_report_opens_from_disk_and_filters_in_the_page(tmp_path):
+    """`pawcam report`'s file in a real browser, from file://, no server: the gallery filters."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from engine.report import write_report
+
+    rows = [make_result(i, label="uncertain" if i % 3 == 0 else None) for i in range(9)]
+    rows.append(make_result(20, name=HOSTILE.replace("/", "_"), status="error", error="<b>x</b>"))
+    write_outbox(tmp_path / "out", rows, pictures=True, csv_name="predictions.csv")
+    report = write_report(tmp_path / "out")
+    driver = _browser()
+    try:
+        driver.get(report.as_uri())
+        _wait(lambda: _images_loaded(driver), what="gallery pictures")
+        shown = lambda: driver.find_element(By.ID, "shown").text  # noqa: E731
+        assert shown() == "10"
+        Select(driver.find_element(By.ID, "f-label")).select_by_value("error")
+        assert shown() == "1"
+        visible = [c for c in driver.find_elements(By.CSS_SELECTOR, "article.card")
+                   if c.is_displayed()]
+        assert visible[0].find_element(By.CSS_SELECTOR, ".name").text == HOSTILE.replace("/", "_")
+        Select(driver.find_element(By.ID, "f-label")).select_by_value("uncertain")
+        assert shown() == "3"
+        driver.find_element(By.ID, "f-q").send_keys("photo0003")
+        assert shown() == "1"
+        assert driver.execute_script("return window.__xss === undefined")
+        assert not [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+    finally:
+        driver.quit()
