@@ -169,3 +169,18 @@ def test_per_minute_counts_follow_appends(tmp_path):
     csv.append([make_result(7, processed_at="2026-12-01T10:01:59.000Z")])
     index.refresh()
     assert index.per_minute("2026-12-01T10:01:00") == [("2026-12-01T10:01", 5, 1)]
+
+
+@pytest.mark.parametrize("probe", [1, 2000])   # 1: every term "common" (scan); 2000: by id
+def test_name_search_gives_the_same_rows_either_way(tmp_path, monkeypatch, probe):
+    import watcher.web.index as index_mod
+
+    names = [f"Ünï {i % 7} Katze-{i}.JPG" if i % 2 else f"dog_{i}.png" for i in range(60)]
+    write_outbox(tmp_path / "out", [make_result(i, name=n) for i, n in enumerate(names)])
+    index = _index(tmp_path)
+    index.refresh()
+    assert index._fts == (sqlite3.sqlite_version_info >= (3, 34, 0))
+    monkeypatch.setattr(index_mod, "FTS_PROBE", probe)
+    for term in ("katze", "ÜNÏ 3", "g_1", '"', "e-5", "zzz", ".jpg"):
+        want = [f"t1-{i:06d}" for i in range(59, -1, -1) if term.lower() in names[i].lower()]
+        assert _all(index, Query(q=term), limit=4) == want, term

@@ -31,13 +31,17 @@ from engine.results import PICTURE_KINDS, STATUS_ERROR, unneutralize
 
 log = logging.getLogger("pawcam.web")
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 HEAD_BYTES = 4096           # fingerprint of the CSV's start: a replaced file is noticed
 CHUNK_BYTES = 8 << 20       # CSV bytes parsed per transaction while catching up
 ERROR_LABEL = "error"       # the label filter's name for failed rows (status error)
 SORTS = ("new", "old", "conf_asc", "conf_desc")
 MAX_LIMIT = 500
 ANALYZE_AFTER = 5000        # new rows in one refresh that warrant fresh planner statistics
+FTS_PROBE = 2000            # name search: fewer trigram hits than this -> look them up by id,
+                            # more -> scan in page order (common terms fill a page at once)
+_FTS = ("CREATE VIRTUAL TABLE names USING fts5(name_lc, content='rows', content_rowid='id', "
+        "tokenize='trigram')")
 
 _SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -171,7 +175,9 @@ class ResultsIndex:
         self._write_lock = threading.Lock()
         self._last_refresh = 0.0
         self._generation = 0
+        self._fts = False
         self._open_checked()
+        self._fts = self._meta(self.con).get("fts") == "1"
 
     # -- connections ----------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -217,8 +223,16 @@ class ResultsIndex:
         self._generation += 1
         con = self._connect()
         con.executescript(_SCHEMA)
-        con.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        try:   # substring search index; SQLite >= 3.34 with FTS5 (else: plain scans)
+            con.execute(_FTS)
+            fts = "1"
+        except sqlite3.OperationalError as exc:
+            log.info("no FTS5 trigram index (%s): file-name search scans", exc)
+            fts = "0"
+        con.executemany("INSERT INTO meta VALUES (?, ?)", [("schema", SCHEMA_VERSION),
+                                                            ("fts", fts)])
         con.close()
+        self._fts = fts == "1"
 
     @staticmethod
     def _meta(con: sqlite3.Connection) -> dict[str, str]:
@@ -295,6 +309,7 @@ class ResultsIndex:
         con = self.con
         con.execute("BEGIN IMMEDIATE")
         try:
+            first_new = con.execute("SELECT coalesce(max(id), 0) FROM rows").fetchone()[0]
             cols = ", ".join(("job_id", "input_path", "name_lc", "label", "status", "confidence",
                               "probs", "gray_path", "heatmap_path", "overlay_path", "width",
                               "height", "error", "model_version", "processed_at", "sha256"))
@@ -302,6 +317,9 @@ class ResultsIndex:
             counts: dict[str, int] = {}
             for t in tuples:
                 counts[t[3]] = counts.get(t[3], 0) + 1
+            if self._fts:
+                con.execute("INSERT INTO names(rowid, name_lc) SELECT id, name_lc FROM rows "
+                            "WHERE id > ?", (first_new,))
             con.executemany("INSERT INTO label_counts VALUES (?, ?) ON CONFLICT(label) "
                             "DO UPDATE SET n = n + excluded.n", counts.items())
             minutes: dict[str, list[int]] = {}
@@ -343,9 +361,18 @@ class ResultsIndex:
             where.append("confidence <= ?")
             args.append(query.max_conf)
         if query.q:
-            esc = query.q.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            term = query.q.lower()
+            esc = term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
             where.append("name_lc LIKE ? ESCAPE '\\'")
             args.append(f"%{esc}%")
+            if self._fts and len(term) >= 3:
+                phrase = '"' + term.replace('"', '""') + '"'
+                hits = self.con.execute(
+                    "SELECT count(*) FROM (SELECT rowid FROM names WHERE names MATCH ? "
+                    "LIMIT ?)", (phrase, FTS_PROBE)).fetchone()[0]
+                if hits < FTS_PROBE:   # a rare term: fetch its rows by id, then filter/sort
+                    where.append("id IN (SELECT rowid FROM names WHERE names MATCH ?)")
+                    args.append(phrase)
         if query.path:
             where.append("input_path = ?")
             args.append(query.path)
