@@ -136,7 +136,8 @@ def main() -> None:
             ("results page, 200 pages deep (cursor)", f"/?label=dog&cursor={deep}"),
             ("results page, one day", f"/?since={day}&until={next_day}"),
             ("API, label=cat, confidence >= 0.99", "/api/results?label=cat&min_conf=0.99"),
-            ("name search (scans the name column)", f"/?q=IMG_{args.rows // 2:07d}"),
+            ("name search, a rare term (trigram index)", f"/?q=IMG_{args.rows // 2:07d}"),
+            ("name search, a common term (scan in page order)", "/?q=cam3/"),
             ("detail page", f"/results/b-{args.rows // 3:07d}"),
             ("dashboard (3 h)", "/dashboard"),
         ]

@@ -6,7 +6,7 @@ import sqlite3
 import pytest
 
 from tests.web_helpers import make_result, write_outbox
-from watcher.web.index import IndexError_, Query, ResultsIndex
+from watcher.web.index import QueryError, Query, ResultsIndex
 
 
 def _index(tmp_path, csv_name="results.csv"):
@@ -89,11 +89,11 @@ def test_like_wildcards_in_the_search_are_literal(tmp_path):
 
 def test_bad_query_values_are_refused_with_a_reason(tmp_path):
     index = _index(tmp_path)
-    with pytest.raises(IndexError_, match="sort"):
+    with pytest.raises(QueryError, match="sort"):
         index.query(Query(sort="random"))
-    with pytest.raises(IndexError_, match="min_conf"):
+    with pytest.raises(QueryError, match="min_conf"):
         index.query(Query(min_conf=2))
-    with pytest.raises(IndexError_, match="cursor"):
+    with pytest.raises(QueryError, match="cursor"):
         index.query(Query(), cursor="abc")
 
 

@@ -41,7 +41,7 @@ from engine.results import PICTURE_KINDS, UNCERTAIN
 from watcher.status import pid_alive, read_status
 from watcher.web import files
 from watcher.web.config import ServeSettings, is_loopback
-from watcher.web.index import ERROR_LABEL, IndexError_, Query, ResultsIndex
+from watcher.web.index import ERROR_LABEL, QueryError, Query, ResultsIndex
 
 log = logging.getLogger("pawcam.web")
 
@@ -119,7 +119,7 @@ def parse_query(params) -> Query:
               until=params.get("until", "").strip(), sort=params.get("sort", "new") or "new")
     try:
         q.validate()
-    except IndexError_ as exc:
+    except QueryError as exc:
         raise HTTPException(400, str(exc)) from None
     return q
 
@@ -176,7 +176,7 @@ def api_results(request: Request) -> Response:
     try:
         page = web.index.query(query, _limit(request.query_params, web.scfg.page_size),
                                request.query_params.get("cursor", ""))
-    except IndexError_ as exc:
+    except QueryError as exc:
         raise HTTPException(400, str(exc)) from None
     return JSONResponse({"results": [public_row(r) for r in page.rows],
                          "next_cursor": page.next_cursor or None})
@@ -333,7 +333,7 @@ def results_page(request: Request) -> Response:
     try:
         page = web.index.query(query, _limit(params, web.scfg.page_size),
                                params.get("cursor", ""))
-    except IndexError_ as exc:
+    except QueryError as exc:
         raise HTTPException(400, str(exc)) from None
     keep = {k: v for k, v in params.items() if k != "cursor" and v}
     next_url = ("?" + urlencode({**keep, "cursor": page.next_cursor})) if page.next_cursor else ""

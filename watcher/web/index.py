@@ -74,8 +74,8 @@ ROW_FIELDS = ("job_id", "input_path", "label", "status", "confidence", "probs", 
               "processed_at", "sha256")
 
 
-class IndexError_(Exception):
-    """The index cannot be used (bad query value); the message says what to fix."""
+class QueryError(Exception):
+    """A filter, sort or cursor value the index cannot use; the message says what to fix."""
 
 
 @dataclass(frozen=True)
@@ -93,11 +93,11 @@ class Query:
 
     def validate(self) -> None:
         if self.sort not in SORTS:
-            raise IndexError_(f"sort must be one of {', '.join(SORTS)}")
+            raise QueryError(f"sort must be one of {', '.join(SORTS)}")
         for name in ("min_conf", "max_conf"):
             v = getattr(self, name)
             if v is not None and not 0.0 <= v <= 1.0:
-                raise IndexError_(f"{name} must be between 0 and 1")
+                raise QueryError(f"{name} must be between 0 and 1")
 
 
 @dataclass
@@ -473,7 +473,7 @@ def _cursor_condition(sort: str, cursor: str) -> tuple[str, list]:
         rid = int(rid_s)
         conf = float(conf_s) if conf_s else None
     except ValueError:
-        raise IndexError_("cursor is not one this server gave out; start from the first "
+        raise QueryError("cursor is not one this server gave out; start from the first "
                           "page") from None
     # NULL confidences (error rows) sort first ascending, last descending (SQLite's rule)
     if sort == "conf_desc":
