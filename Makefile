@@ -6,14 +6,14 @@ BIN     = $(VENV)/bin
 DATA   ?= ../shared/dataset/test
 OUT    ?= results
 
-.PHONY: setup run test bench bench-watcher train evaluate export clean
+.PHONY: setup run test bench bench-watcher bench-web train evaluate export clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[train,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[train,dev,web]"
 	touch $@
 
 run: setup            ## classify every photo under DATA into OUT/predictions.csv + OUT/gradcam/
@@ -28,6 +28,9 @@ bench: setup          ## engine throughput figures quoted in README.md
 
 bench-watcher: setup  ## daemon latency/throughput figures quoted in README.md
 	$(BIN)/python benchmarks/bench_watcher.py
+
+bench-web: setup      ## web app page loads over 1,000,000 indexed rows, quoted in README.md
+	$(BIN)/python benchmarks/bench_web.py
 
 train: setup          ## retrain the shipped model on ../shared/dataset
 	$(BIN)/pawcam train --data ../shared/dataset

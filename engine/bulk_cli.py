@@ -2,6 +2,7 @@
 
     pawcam predict photos/ more.jpg --out results/ --recursive
     pawcam predict photos/ --out results/ --no-gradcam --batch-size 64
+    pawcam predict photos/ --out results/ --report     # + results/report.html
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentPa
                    help="override [inference] batch_size")
     p.add_argument("--csv-name", default="predictions.csv", metavar="NAME",
                    help="name of the results file inside --out (default: predictions.csv)")
+    p.add_argument("--report", action="store_true",
+                   help="also write OUT/report.html (see `pawcam report`) at the end")
     p.set_defaults(func=run_predict)
 
 
@@ -56,4 +59,8 @@ def run_predict(args: argparse.Namespace, settings: Settings) -> int:
     if summary.total == 0:
         log.error("no input files found (use --recursive to enter subfolders)")
         return EXIT_USAGE
+    if args.report:
+        from engine.report import write_report
+
+        log.info("report: %s", write_report(args.out, args.csv_name))
     return EXIT_SOME_FAILED if summary.errors else EXIT_OK

@@ -9,8 +9,9 @@ of range is a :class:`ConfigError` that names the key and the file. Relative pat
 against the folder holding the config file (the current folder when running on defaults), so a
 service started from anywhere finds the same files.
 
-``[training]`` and ``[watcher]`` belong to those packages: they build their own dataclasses from
-``settings.extra_sections`` with :func:`build_section`, so the engine never imports them.
+``[training]``, ``[watcher]`` and ``[serve]`` belong to those packages: they build their own
+dataclasses from ``settings.extra_sections`` with :func:`build_section`, so the engine never
+imports them.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from engine.errors import ConfigError
 T = TypeVar("T")
 
 #: sections owned by packages built on the engine; validated there
-EXTRA_SECTIONS = ("training", "watcher")
+EXTRA_SECTIONS = ("training", "watcher", "serve")
 
 GRADCAM_OUTPUTS = ("gray", "heatmap", "overlay")
 COLORMAPS = ("jet", "turbo", "inferno", "magma", "viridis", "plasma", "hot", "bone", "parula")

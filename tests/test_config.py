@@ -215,7 +215,7 @@ def test_missing_explicit_file_is_an_error_implicit_gives_defaults(tmp_path, mon
 
 def test_extra_sections_are_passed_through_unvalidated(tmp_path):
     s = load_settings(write(tmp_path, "[watcher]\npoll = 2\n[training]\nepochs = 3\n"))
-    assert s.extra_sections == {"watcher": {"poll": 2}, "training": {"epochs": 3}}
+    assert s.extra_sections == {"watcher": {"poll": 2}, "training": {"epochs": 3}, "serve": {}}
 
 
 def test_build_section_for_other_packages(tmp_path):

@@ -51,6 +51,9 @@ class WatcherSettings:
     stop_timeout_s: float = 8.0
     #: talk to systemd (READY=1, STOPPING=1, WATCHDOG=1) when NOTIFY_SOCKET is set
     systemd_notify: bool = True
+    #: Prometheus exporter (/metrics) on this port; 0 = off (needs the web extra)
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
 
     def validate(self, where: str) -> None:
         _check(self.observer in OBSERVERS, where, "observer", f"must be one of {list(OBSERVERS)}")
@@ -77,6 +80,9 @@ class WatcherSettings:
                "must all differ")
         _check(0.5 <= self.stop_timeout_s <= 600, where, "stop_timeout_s",
                "must be between 0.5 and 600")
+        _check(0 <= self.metrics_port <= 65535, where, "metrics_port",
+               "must be 0 (off) or a port number")
+        _check(bool(self.metrics_host), where, "metrics_host", "must be an address")
 
     def effective_batch_size(self, settings: Settings) -> int:
         return self.batch_size or settings.inference.batch_size

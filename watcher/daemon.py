@@ -32,6 +32,7 @@ from engine.config import Settings
 from engine.errors import PawcamError
 from engine.results import Result, ResultsCsv, printable, utc_now
 from watcher.config import WatcherSettings
+from watcher.metrics import DaemonMetrics, NullMetrics
 from watcher.observer import COMPLETE, DIR, DIR_GONE, Notice, start_observer
 from watcher.policy import Tracker, is_ignored, signature
 from watcher.sdnotify import Notifier
@@ -75,6 +76,7 @@ class Daemon:
         self.csv: ResultsCsv | None = None
         self._next_rescan = 0.0
         self._lock_fd: int | None = None
+        self.metrics: NullMetrics = NullMetrics()          # the exporter starts in run()
 
     # -- ids ----------------------------------------------------------------------------------
     def new_job_id(self) -> str:
@@ -121,6 +123,7 @@ class Daemon:
             self._warm_up()
             log.info("model %s loaded in %.1f s", self.clf.meta.version, time.monotonic() - t0)
         self.status.model_version = self.clf.meta.version
+        self.metrics.model(self.clf.meta.version)
         self.csv = ResultsCsv(self.outbox / self.wcfg.results_csv, self.clf.meta.class_names)
 
     def _warm_up(self) -> None:
@@ -139,6 +142,7 @@ class Daemon:
     def run(self) -> int:
         self._install_signals()
         self._check_folders()
+        self.metrics = DaemonMetrics.start(self.wcfg.metrics_host, self.wcfg.metrics_port)
         self.status.write(self.status_path)
         self._load_model()
         if self.stop_requested:
@@ -333,7 +337,9 @@ class Daemon:
         try:
             decoded = [f.result() for f in futures]
             good = [d for d in decoded if isinstance(d, DecodedImage)]
+            t_infer = time.monotonic()
             probs, cams = self.clf.infer(good) if good else (None, None)
+            self.metrics.inference(time.monotonic() - t_infer, len(good))
             slots: list[Any] = []
             k = 0
             for job, d in zip(jobs, decoded):
@@ -415,6 +421,8 @@ class Daemon:
             s.last_batch_seconds = round(seconds, 3)
             s.last_batch_at = utc_now()
             s.queue_depth = self._depth()
+            self.metrics.batch(results, [i.ready_at for i in batch.items], seconds, s.queue_depth)
+            s.latency_p50_s, s.latency_p95_s = self.metrics.latency_summary()
             log.info("batch of %d: %d ok, %d failed in %.2f s (%.1f files/s); queue %d%s",
                      ok + failed, ok, failed, seconds, (ok + failed) / max(seconds, 1e-9),
                      s.queue_depth, " (recovered)" if batch.recovered else "")
@@ -479,6 +487,7 @@ class Daemon:
     def _write_state(self, state: str) -> None:
         self.status.state = state
         self.status.queue_depth = self._depth()
+        self.metrics.state(state)
         self._write_status()
 
     def _shutdown(self) -> None:
@@ -507,6 +516,7 @@ class Daemon:
             if self.observer is not None:
                 self.observer.join(timeout=2)
             self._write_state("stopped")
+            self.metrics.stop()
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None

@@ -30,6 +30,8 @@ class Status:
     last_batch_size: int = 0
     last_batch_seconds: float = 0.0
     last_batch_at: str = ""
+    latency_p50_s: float | None = None # ready in the inbox -> row committed, recent files
+    latency_p95_s: float | None = None
 
     def write(self, path: Path) -> None:
         self.updated = utc_now()
@@ -74,6 +76,9 @@ def format_status(data: dict[str, Any], path: Path | None = None) -> str:
                        f"{float(data.get('last_batch_seconds', 0.0)):.2f} s at "
                        f"{data.get('last_batch_at') or 'never'}"),
     ]
+    if data.get("latency_p50_s") is not None:
+        rows.append(("latency p50/p95", f"{data['latency_p50_s']:.2f} s / "
+                                         f"{data.get('latency_p95_s') or 0:.2f} s"))
     if path is not None:
         rows.insert(0, ("status file", str(path)))
     width = max(len(k) for k, _ in rows)
