@@ -213,6 +213,7 @@ def main() -> None:
         print(f"(1) lone photo, renamed into the idle inbox -> its CSV row, {len(lat)} photos: "
               f"p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, max {max(lat) * 1000:.0f} ms "
               "(target p50 <= 150 ms, p95 <= 300 ms)")
+        print("    each, sorted (ms): " + " ".join(f"{x * 1000:.0f}" for x in sorted(lat)))
         from engine.classifier import Classifier
         from engine.config import load_settings
 
