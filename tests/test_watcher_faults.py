@@ -72,6 +72,11 @@ def drop(inbox: Path, names: list[str], seed: int = 0) -> set[str]:
     return set(names)
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pawcam_status(cfg: Path) -> str:
     out = subprocess.run([sys.executable, "-m", "engine.cli", "--config", str(cfg), "status"],
                          capture_output=True, text=True, env=env(), timeout=60)
@@ -174,7 +179,9 @@ def test_free_space_floor_pauses_claims_and_vanished_folders_are_recovered(
         status = daemon.wait_status(30, state="degraded")
         assert "below the floor" in status["degraded_reason"], status
         assert "min_free_mb = 1" in status["degraded_reason"]
-        time.sleep(1.0)
+        cpu0 = cpu_seconds(daemon.proc.pid)
+        time.sleep(2.0)
+        assert cpu_seconds(daemon.proc.pid) - cpu0 < 0.5   # waits, does not spin on ready files
         assert sorted(inbox_files(inbox)) == ["three.jpg", "two.jpg"]   # not claimed
         assert len(read_rows(outbox)) == 1
         filler.unlink()

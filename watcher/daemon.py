@@ -305,8 +305,11 @@ class Daemon:
         return self.fault is None and not (self._reload is not None and self._reload.done())
 
     def _idle_timeout(self) -> float:
+        """How long the loop may sleep. The batch deadline counts only while claiming: files
+        left ready while degraded must not make the loop spin."""
         now = time.monotonic()
-        times = [t for t in (self.tracker.next_check(), self.tracker.deadline(),
+        deadline = self.tracker.deadline() if self._claiming() else None
+        times = [t for t in (self.tracker.next_check(), deadline,
                              self._next_rescan, self.notifier.next_ping(),
                              self._next_folder_check,
                              self.fault.next_try if self.fault is not None else None)
