@@ -920,9 +920,10 @@ class Daemon:
         builder.shutdown(wait=False)
 
     def _reread_settings(self) -> tuple[Settings, WatcherSettings]:
-        """config.toml again, keeping what cannot change while running: the folders (and
-        command-line overrides), the device, decode threads and the RESTART_ONLY watcher keys
-        (a change to those is logged as needing a restart)."""
+        """config.toml again, keeping what cannot change while running: the folders, the
+        device, decode threads, runtime and precision (the latter two and the folders may come
+        from command-line flags) and the RESTART_ONLY watcher keys (a change to those is logged
+        as needing a restart)."""
         old, wold = self.settings, self.wcfg
         raw = load_settings(old.source) if old.source is not None else old
         wraw = watcher_settings(raw)
@@ -930,14 +931,17 @@ class Daemon:
         changed = [f"[watcher] {k}" for k, v in kept.items() if getattr(wraw, k) != v]
         if raw.device != old.device:
             changed.append("[device]")
-        if raw.inference.decode_threads != old.inference.decode_threads:
-            changed.append("[inference] decode_threads")
+        for key in ("decode_threads", "runtime", "precision"):  # (these may come from flags)
+            if getattr(raw.inference, key) != getattr(old.inference, key):
+                changed.append(f"[inference] {key}")
         if changed:
             log.warning("reload: %s changed in the configuration but need(s) a restart; "
                         "keeping the running values", ", ".join(changed))
         new = replace(raw, paths=old.paths, device=old.device,
                       inference=replace(raw.inference,
-                                        decode_threads=old.inference.decode_threads))
+                                        decode_threads=old.inference.decode_threads,
+                                        runtime=old.inference.runtime,
+                                        precision=old.inference.precision))
         return new, replace(wraw, **kept)
 
     def _finish_reload(self) -> None:
