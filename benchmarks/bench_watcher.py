@@ -76,10 +76,12 @@ class CsvTail:
                 if line and not line.startswith(b"input_path,")]
 
 
-def write_config(tmp: Path, model: Path, max_wait_ms: int, settle_ms: int) -> Path:
+def write_config(tmp: Path, model: Path, max_wait_ms: int, settle_ms: int,
+                 runtime: str = "auto") -> Path:
     cfg = tmp / "config.toml"
     cfg.write_text("\n".join([
         "[model]", f"path = {json.dumps(str(model))}",
+        "[inference]", f"runtime = {json.dumps(runtime)}",
         "[paths]", f"inbox = {json.dumps(str(tmp / 'inbox'))}",
         f"outbox = {json.dumps(str(tmp / 'outbox'))}",
         "[watcher]", f"max_wait_ms = {max_wait_ms}", f"settle_ms = {settle_ms}",
@@ -192,15 +194,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved bulk/daemon rounds")
     ap.add_argument("--copy", action="store_true", help="also a burst copied into the inbox")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    ap.add_argument("--runtime", default="auto", choices=("auto", "onnxruntime", "tensorflow"),
+                    help="[inference] runtime of the daemon and the bulk runs (default: auto)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="pawcam-bench-watch-"))
     try:
         images = pick_images(args.burst, tmp)
         model = model_path(tmp)
-        cfg = write_config(tmp, model, args.max_wait_ms, args.settle_ms)
+        cfg = write_config(tmp, model, args.max_wait_ms, args.settle_ms, args.runtime)
         inbox, csv_path = tmp / "inbox", tmp / "outbox" / "results.csv"
-        print(f"CPU cores: {os.cpu_count()}; max_wait_ms {args.max_wait_ms}; "
-              f"settle_ms {args.settle_ms}; batch: [inference] batch_size")
+        print(f"CPU cores: {os.cpu_count()}; runtime {args.runtime}; max_wait_ms "
+              f"{args.max_wait_ms}; settle_ms {args.settle_ms}; batch: [inference] batch_size")
 
         proc, start_s = start_daemon(cfg)
         time.sleep(1.0)
