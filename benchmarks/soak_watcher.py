@@ -81,8 +81,8 @@ def try_mount(folder: Path, size_mb: int) -> bool:
 
 
 class Daemon:
-    def __init__(self, cfg: Path, log: Path) -> None:
-        self.cfg, self.log = cfg, log
+    def __init__(self, cfg: Path, log: Path, outbox: Path) -> None:
+        self.cfg, self.log, self.outbox = cfg, log, outbox
         self.proc: subprocess.Popen | None = None
         self.peak_rss = 0.0
         self.starts = 0
@@ -99,6 +99,17 @@ class Daemon:
             self.peak_rss = max(self.peak_rss, rss_mib(self.proc.pid))
         elif self.proc is not None and self.proc.returncode not in (0, -9):
             raise SystemExit(f"daemon exited with {self.proc.returncode}: see {self.log}")
+
+    def ready(self) -> bool:
+        """The status file says this process is watching (what systemd's READY=1 says)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        try:
+            status = json.loads((self.outbox / "status.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return status.get("pid") == self.proc.pid and status.get("state") in ("running",
+                                                                              "degraded")
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -117,6 +128,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--outbox-mb", type=int, default=512, help="size of the outbox tmpfs")
     ap.add_argument("--chaos-every", type=float, default=8.0, help="mean seconds between faults")
+    ap.add_argument("--rate", type=float, default=15.0, help="photos dropped per second")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     rng = random.Random(args.seed)
@@ -140,16 +152,18 @@ def main() -> None:
     names = [f"s{i:06d}.jpg" for i in range(args.photos)]
     deleted: set[str] = set()
     counts = Counter()
-    daemon = Daemon(cfg, tmp / "daemon.log")
+    daemon = Daemon(cfg, tmp / "daemon.log", outbox)
     daemon.start()
     t0 = time.monotonic()
     next_chaos = time.monotonic() + rng.expovariate(1 / args.chaos_every)
     filler: Path | None = None
     dropped = 0
+    deadline = time.monotonic() + len(names) / 5 + 600
     try:
-        while dropped < len(names) or filler is not None:
+        while time.monotonic() < deadline:
             daemon.sample()
-            if dropped < len(names):
+            due = int((time.monotonic() - t0) * args.rate)      # photos that should be in
+            if dropped < min(due, len(names)):
                 n = min(rng.choice((1, 5, 20, 50, 150, 300)), len(names) - dropped)
                 for i, name in enumerate(names[dropped:dropped + n], start=dropped):
                     shutil.copyfile(sources[i % len(sources)], staging / name)
@@ -160,6 +174,11 @@ def main() -> None:
                         inbox.mkdir(exist_ok=True)
                         os.rename(staging / name, inbox / name)
                 dropped += n
+            elif dropped == len(names) and filler is None:
+                left = [e for e in os.scandir(inbox) if e.is_file()]
+                if not left and len(set(r["input_path"] for r in rows(outbox)) | deleted) \
+                        >= len(names):
+                    break                                  # everything is in: stop the chaos
             if time.monotonic() >= next_chaos:
                 next_chaos = time.monotonic() + rng.expovariate(1 / args.chaos_every)
                 action = rng.choice(("kill", "fill", "inbox", "hup"))
@@ -174,8 +193,11 @@ def main() -> None:
                 elif action == "fill" and mounted:
                     st = os.statvfs(volume)
                     filler = volume / "filler.bin"
-                    with open(filler, "wb") as fh:
-                        fh.write(b"\0" * max(0, st.f_bavail * st.f_frsize - 512 * 1024))
+                    try:
+                        with open(filler, "wb") as fh:
+                            fh.write(b"\0" * max(0, st.f_bavail * st.f_frsize - 512 * 1024))
+                    except OSError:          # the daemon wrote meanwhile: full is the point
+                        pass
                     counts["fill"] += 1
                 elif action == "inbox":
                     # what a user's rm -rf deletes: unclaimed photos, and claimed ones (their
@@ -185,24 +207,21 @@ def main() -> None:
                     shutil.rmtree(inbox, ignore_errors=True)
                     inbox.mkdir(exist_ok=True)
                     counts["inbox"] += 1
-                elif action == "hup" and daemon.proc is not None:
+                elif action == "hup" and daemon.ready():   # as systemd: only once READY
                     daemon.proc.send_signal(signal.SIGHUP)
                     counts["hup"] += 1
-            time.sleep(rng.uniform(0.05, 1.0))
-        # -- drain, stop, a last --once pass ----------------------------------------------
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            daemon.sample()
-            left = [e for e in os.scandir(inbox) if e.is_file()]
-            if not left and len(rows(outbox)) + len(deleted) >= len(names):
-                break
-            time.sleep(1.0)
+            time.sleep(rng.uniform(0.05, 0.5))
+        if filler is not None:
+            filler.unlink()
+            filler = None
         rc = daemon.stop()
         daemon.start("--once")
         rc_once = daemon.proc.wait(timeout=600)
         seconds = time.monotonic() - t0
     finally:
         daemon.kill()
+        if filler is not None and filler.exists():
+            filler.unlink()
     got = Counter(r["input_path"] for r in rows(outbox))
     dupes = {k: v for k, v in got.items() if v > 1}
     missing = [n for n in names if n not in got and n not in deleted]
@@ -221,11 +240,11 @@ def main() -> None:
     ok = not dupes and not missing and not unknown and not inbox_left and not processing \
         and rc == 0 and rc_once == 0
     print("SOAK PASSED" if ok else f"SOAK FAILED: dupes {list(dupes)[:5]} missing {missing[:5]}")
-    if mounted:
-        subprocess.run(["umount", "-l", str(volume)], capture_output=True)
     if args.keep or not ok:
-        print(f"kept {tmp}")
+        print(f"kept {tmp}" + (f" (unmount {volume} when done)" if mounted else ""))
     else:
+        if mounted:
+            subprocess.run(["umount", "-l", str(volume)], capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
     sys.exit(0 if ok else 1)
 

@@ -52,6 +52,11 @@ def _with_paths(args: argparse.Namespace, settings: Settings) -> Settings:
 
 
 def run_watch(args: argparse.Namespace, settings: Settings) -> int:
+    import signal
+
+    # a SIGHUP during start-up must not end the daemon (its default action): the model is
+    # being loaded from the configuration just read anyway
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from watcher.config import watcher_settings
     from watcher.daemon import Daemon
 
