@@ -6,7 +6,7 @@ BIN     = $(VENV)/bin
 DATA   ?= ../shared/dataset/test
 OUT    ?= results
 
-.PHONY: setup run test bench bench-watcher bench-web train evaluate export clean
+.PHONY: setup run test bench bench-watcher bench-web soak train evaluate export clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,9 @@ bench-watcher: setup  ## daemon latency/throughput figures quoted in README.md
 
 bench-web: setup      ## web app page loads over 1,000,000 indexed rows, quoted in README.md
 	$(BIN)/python benchmarks/bench_web.py
+
+soak: setup           ## chaos soak of the daemon (kills, full disk, removed inbox, SIGHUP); by hand
+	$(BIN)/python benchmarks/soak_watcher.py
 
 train: setup          ## retrain the shipped model on ../shared/dataset
 	$(BIN)/pawcam train --data ../shared/dataset

@@ -4,8 +4,12 @@
     .venv/bin/python benchmarks/bench_watcher.py --singles 10 --burst 200 --rounds 1 --copy
 
 Starts a real ``pawcam watch`` process on a temporary inbox/outbox and measures
-  (1) single drops: from a file's close() in the inbox to its row in results.csv (p50, p95),
-      one file at a time, the daemon idle in between; target p50 <= max_wait_ms + 300 ms;
+  (0) start-up: from the process start to the status file saying ``running`` (inbox watched),
+      and the daemon's resident memory (RSS) once idle;
+  (1) lone photos: a file written beside the inbox, then renamed into it (as ``mv`` or a
+      finished download does), to its row in results.csv (p50, p95), one at a time, the daemon
+      idle in between; target p50 <= 150 ms, p95 <= 300 ms (natural batching: a photo that
+      finds the model free goes at once; ``max_wait_ms`` only applies while it is busy);
   (2) bursts: N files renamed into the inbox at once (as ``mv`` or a finished download does),
       from the first rename to the last row, against the bulk runner (``engine.bulk.run_bulk``,
       what ``pawcam predict`` runs; model loaded, warmed up) on the same files right before;
@@ -72,10 +76,12 @@ class CsvTail:
                 if line and not line.startswith(b"input_path,")]
 
 
-def write_config(tmp: Path, model: Path, max_wait_ms: int, settle_ms: int) -> Path:
+def write_config(tmp: Path, model: Path, max_wait_ms: int, settle_ms: int,
+                 runtime: str = "auto") -> Path:
     cfg = tmp / "config.toml"
     cfg.write_text("\n".join([
         "[model]", f"path = {json.dumps(str(model))}",
+        "[inference]", f"runtime = {json.dumps(runtime)}",
         "[paths]", f"inbox = {json.dumps(str(tmp / 'inbox'))}",
         f"outbox = {json.dumps(str(tmp / 'outbox'))}",
         "[watcher]", f"max_wait_ms = {max_wait_ms}", f"settle_ms = {settle_ms}",
@@ -111,19 +117,28 @@ def start_daemon(cfg: Path) -> tuple[subprocess.Popen, float]:
 
 
 def single_drops(inbox: Path, csv_path: Path, images: list[Path], n: int) -> list[float]:
+    """Lone photos renamed into the idle daemon's inbox: seconds from the rename to the row."""
     latencies = []
     tail = CsvTail(csv_path)
+    stage = inbox.parent / "stage-singles"
+    stage.mkdir(exist_ok=True)
     for i in range(n):
-        data = images[i % len(images)].read_bytes()
         name = f"single{i:03d}.jpg"
-        with open(inbox / name, "wb") as fh:
-            fh.write(data)
-        closed = time.perf_counter()
+        shutil.copyfile(images[i % len(images)], stage / name)
+        time.sleep(0.3)                  # the daemon is idle again
+        t0 = time.perf_counter()
+        os.rename(stage / name, inbox / name)
         while name not in tail.new_paths():
-            time.sleep(0.005)
-        latencies.append(time.perf_counter() - closed)
-        time.sleep(0.3)
+            time.sleep(0.002)
+        latencies.append(time.perf_counter() - t0)
     return latencies
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def burst(inbox: Path, csv_path: Path, images: list[Path], mode: str, tag: str) -> float:
@@ -179,24 +194,30 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved bulk/daemon rounds")
     ap.add_argument("--copy", action="store_true", help="also a burst copied into the inbox")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    ap.add_argument("--runtime", default="auto", choices=("auto", "onnxruntime", "tensorflow"),
+                    help="[inference] runtime of the daemon and the bulk runs (default: auto)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="pawcam-bench-watch-"))
     try:
         images = pick_images(args.burst, tmp)
         model = model_path(tmp)
-        cfg = write_config(tmp, model, args.max_wait_ms, args.settle_ms)
+        cfg = write_config(tmp, model, args.max_wait_ms, args.settle_ms, args.runtime)
         inbox, csv_path = tmp / "inbox", tmp / "outbox" / "results.csv"
-        print(f"CPU cores: {os.cpu_count()}; max_wait_ms {args.max_wait_ms}; "
-              f"settle_ms {args.settle_ms}; batch: [inference] batch_size")
+        print(f"CPU cores: {os.cpu_count()}; runtime {args.runtime}; max_wait_ms "
+              f"{args.max_wait_ms}; settle_ms {args.settle_ms}; batch: [inference] batch_size")
 
         proc, start_s = start_daemon(cfg)
-        print(f"daemon start-up (TF import, model load, warm-up): {start_s:.1f} s")
+        time.sleep(1.0)
+        print(f"(0) daemon start-up to watching (import, model load, warm-up, first scan): "
+              f"{start_s:.2f} s (target <= 2 s); RSS idle {rss_mib(proc.pid):.0f} MiB "
+              "(target <= 500 MiB)")
         lat = single_drops(inbox, csv_path, images, args.singles)
         qs = statistics.quantiles(lat, n=20) if len(lat) >= 2 else lat * 19
         p50, p95 = statistics.median(lat), qs[18]
-        print(f"(1) single drop, close -> CSV row over {len(lat)} drops: p50 {p50 * 1000:.0f} ms, "
-              f"p95 {p95 * 1000:.0f} ms, max {max(lat) * 1000:.0f} ms "
-              f"(target p50 <= {args.max_wait_ms + 300} ms)")
+        print(f"(1) lone photo, renamed into the idle inbox -> its CSV row, {len(lat)} photos: "
+              f"p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, max {max(lat) * 1000:.0f} ms "
+              "(target p50 <= 150 ms, p95 <= 300 ms)")
+        print("    each, sorted (ms): " + " ".join(f"{x * 1000:.0f}" for x in sorted(lat)))
         from engine.classifier import Classifier
         from engine.config import load_settings
 
@@ -223,6 +244,7 @@ def main() -> None:
             rw = burst(inbox, csv_path, images, "copy", "copy")
             print(f"(3) bulk {rb:.1f} files/s; daemon, {len(images)} files copied into the inbox "
                   f"(copying competes for the cores): {rw:.1f} files/s; ratio {rw / rb:.2f}")
+        rss_end = rss_mib(proc.pid)
         proc.send_signal(signal.SIGTERM)
         t0 = time.perf_counter()
         rc = proc.wait(timeout=30)
@@ -230,8 +252,10 @@ def main() -> None:
         ratios = sorted(w / b for w, b in pairs)
         print(f"daemon burst / bulk (move), median of {len(ratios)} rounds: "
               f"{statistics.median(ratios):.2f}  (target >= 0.90)")
-        print(f"single-drop p50 {p50 * 1000:.0f} ms vs target {args.max_wait_ms + 300} ms: "
-              f"{'met' if p50 * 1000 <= args.max_wait_ms + 300 else 'MISSED'}")
+        print(f"lone photo p50 {p50 * 1000:.0f} ms / p95 {p95 * 1000:.0f} ms vs targets 150 / "
+              f"300 ms: {'met' if p50 <= 0.15 and p95 <= 0.3 else 'MISSED'}; start-up "
+              f"{start_s:.2f} s vs 2 s: {'met' if start_s <= 2 else 'MISSED'}; "
+              f"RSS after the bursts {rss_end:.0f} MiB")
         print(f"load average at the end: {os.getloadavg()[0]:.2f} (other processes skew these "
               "figures on a shared machine)")
     finally:

@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from engine.classifier import Classifier, Job
 from engine.config import Settings
+from engine.errors import StorageError, describe_os_error, is_storage_fault
 from engine.pipeline import Pipeline
 from engine.results import Result, ResultsCsv, printable
 
@@ -187,11 +188,28 @@ def _batched(items: Iterable[Job], n: int) -> Iterator[list[Job]]:
 
 def run_jobs(classifier: Classifier, jobs: Iterable[Job], out_dir: Path, csv_name: str = CSV_NAME,
              progress: Progress | None = None) -> Summary:
-    """Run ``jobs`` through the pipeline; append rows to ``out_dir/csv_name``."""
+    """Run ``jobs`` through the pipeline; append rows to ``out_dir/csv_name``.
+
+    The output storage failing (disk full, read-only, ...) stops the run with a
+    :class:`StorageError` that says how many rows are safely in the CSV (a failed append is
+    rolled back, so the CSV stays whole)."""
     out_dir = Path(out_dir)
+    summary = Summary(csv_path=out_dir / csv_name)
+    try:
+        return _run_jobs(classifier, jobs, out_dir, summary, progress)
+    except OSError as exc:
+        if not is_storage_fault(exc):
+            raise
+        raise StorageError(
+            f"cannot write to {printable(str(out_dir))}: {describe_os_error(exc)}; "
+            f"{summary.total} row(s) are safely in {printable(str(summary.csv_path))}; free "
+            "space (or fix the folder) and run again", str(out_dir), summary.total) from exc
+
+
+def _run_jobs(classifier: Classifier, jobs: Iterable[Job], out_dir: Path, summary: Summary,
+              progress: Progress | None) -> Summary:
     out_dir.mkdir(parents=True, exist_ok=True)
-    writer = ResultsCsv(out_dir / csv_name, classifier.meta.class_names)
-    summary = Summary(csv_path=writer.path)
+    writer = ResultsCsv(summary.csv_path, classifier.meta.class_names)
     batch_size = classifier.settings.inference.batch_size
     start = time.monotonic()
 
@@ -235,7 +253,13 @@ def run_bulk(paths: Sequence[str | Path], out_dir: Path, settings: Settings, *,
     classifier = classifier or Classifier(settings)
     run_id = new_run_id()
     log.info("run %s: writing to %s", run_id, out_dir)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if not is_storage_fault(exc):
+            raise
+        raise StorageError(f"cannot create the output folder {printable(str(out_dir))}: "
+                           f"{describe_os_error(exc)}", str(out_dir)) from exc
     skip = [Path(out_dir)]
     progress = (Progress(count_inputs_in_background(paths, recursive, skip)) if show_progress
                 else None)

@@ -22,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentPa
         description="Classify image files and folders: writes OUT/predictions.csv (one row per "
                     "input, appended across runs) and Grad-CAM pictures in OUT/gradcam/.",
         epilog="Exit codes: 0 all inputs ok; 1 some inputs gave error rows; 2 usage/config "
-               "error or no input; 3 model error; 130 interrupted.")
+               "error or no input; 3 model error; 4 the output folder's storage failed (disk "
+               "full, read-only: the rows written so far are whole, the message says how "
+               "many); 130 interrupted.")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders")
     p.add_argument("--out", "-o", type=Path, required=True, metavar="DIR",
                    help="output folder (created if missing)")

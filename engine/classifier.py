@@ -22,7 +22,7 @@ import numpy as np
 
 from engine.config import Settings
 from engine.decode import DecodedImage, decode_image, read_file_bytes
-from engine.errors import ImageError
+from engine.errors import ImageError, is_storage_fault
 from engine.modelio import LoadedModel
 from engine.render import pictures, safe_stem, safe_token, write_picture
 from engine.results import STATUS_ERROR, UNCERTAIN, Result
@@ -113,7 +113,9 @@ class Classifier:
     # -- stage 3: pictures and the row (threads) ------------------------------------------
     def finish(self, job: Job, image: DecodedImage, probs: np.ndarray, cam: np.ndarray | None,
                out_dir: Path, durable: bool = False) -> Result:
-        """The row for one decoded image, writing its pictures (fsync'ed if ``durable``)."""
+        """The row for one decoded image, writing its pictures (fsync'ed if ``durable``).
+        A storage fault (disk full, read-only, ...: :func:`engine.errors.is_storage_fault`)
+        raises instead of becoming an ``error`` row."""
         index = int(self.meta.predicted_indices(probs[None, :])[0])
         label, confidence = decide(probs, index, self.meta.class_names,
                                    self.settings.inference.uncertain_below)
@@ -128,6 +130,8 @@ class Classifier:
                 result.pictures = self._write_pictures(job, image, cam, label, confidence, out_dir,
                                                        durable)
             except OSError as exc:
+                if is_storage_fault(exc):   # the output's fault, not this input's: the caller
+                    raise                   # stops (bulk) or waits it out (daemon)
                 return self.error_result(job, f"prediction made but pictures could not be "
                                               f"written to {out_dir}: {exc.strerror or exc}",
                                          sha256=image.sha256)

@@ -12,7 +12,8 @@ point is a ``register(subparsers)`` function that adds a parser and sets
 packages built on it.
 
 Exit codes: 0 success; 1 some inputs failed (results still written); 2 usage or configuration
-error; 3 model could not be loaded; 130 interrupted.
+error; 3 model could not be loaded; 4 the output storage failed (disk full, read-only, ...: the
+rows written so far are whole); 130 interrupted.
 """
 from __future__ import annotations
 
@@ -26,12 +27,13 @@ from typing import Callable, Sequence
 
 from engine import __version__
 from engine.config import PRECISIONS, RUNTIMES, Settings, load_settings, replace
-from engine.errors import ConfigError, ModelLoadError, PawcamError
+from engine.errors import ConfigError, ModelLoadError, PawcamError, StorageError
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
 EXIT_USAGE = 2
 EXIT_MODEL = 3
+EXIT_STORAGE = 4
 EXIT_INTERRUPTED = 130
 
 DEFAULT_CONFIG = Path("config.toml")
@@ -74,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pawcam",
         description="Cat-vs-dog photo classifier with Grad-CAM explanations.",
         epilog="Exit codes: 0 ok, 1 some inputs failed, 2 usage/config error, "
-               "3 model error, 130 interrupted.")
+               "3 model error, 4 output storage failed (disk full, read-only), 130 interrupted.")
     parser.add_argument("--version", action="version", version=f"pawcam {__version__}")
     _add_common(parser)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -129,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModelLoadError as exc:
         log.error("model error: %s", exc)
         return EXIT_MODEL
+    except StorageError as exc:
+        log.error("%s", exc)
+        return EXIT_STORAGE
     except PawcamError as exc:
         log.error("%s", exc)
         return EXIT_USAGE

@@ -73,3 +73,15 @@ def write_image(path: Path, fmt: str = "JPEG", **kwargs) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(image_bytes(fmt, **kwargs))
     return path
+
+
+def fill_fs(folder: Path, leave_bytes: int, name: str = "filler.bin") -> Path:
+    """Fill the file system of ``folder`` with one file until about ``leave_bytes`` are free."""
+    import os
+
+    st = os.statvfs(folder)
+    free = st.f_bavail * st.f_frsize
+    path = folder / name
+    with open(path, "ab") as fh:
+        fh.write(b"\0" * max(0, free - leave_bytes))
+    return path

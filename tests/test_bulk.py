@@ -209,3 +209,40 @@ def test_error_rows_keep_the_content_hash(tmp_path, settings, classifier):
     row = pd.read_csv(tmp_path / "out" / "predictions.csv").iloc[0]
     assert row["status"] == "error"
     assert row["sha256"] == hashlib.sha256(b"not a picture at all").hexdigest()
+
+
+def test_bulk_run_onto_a_full_file_system_stops_cleanly_and_can_go_on(tmp_path, tiny_model_path,
+                                                                       small_fs):
+    """A real 2 MB tmpfs, nearly full, as the output: the run stops with exit code 4 and one clear line
+    (folder, cause, rows safely written), no traceback, the CSV whole; freed, it runs again."""
+    from tests.helpers import fill_fs
+
+    cfg = write_config(tmp_path, tiny_model_path)
+    for i in range(60):
+        write_image(tmp_path / "in" / f"p{i:02d}.jpg", width=160, height=120, seed=i)
+    out = small_fs("out", 2048)
+    filler = fill_fs(out, 650_000)   # tmpfs: a 4 KiB page per picture: about 3 batches
+    full = pawcam("--config", str(cfg), "predict", "in", "--out", str(out), cwd=tmp_path)
+    assert full.returncode == 4, full.stderr
+    assert "Traceback" not in full.stderr
+    lines = [ln for ln in full.stderr.splitlines() if "ERROR" in ln]
+    assert len(lines) == 1, full.stderr
+    assert str(out) in lines[0] and "No space left on device (ENOSPC)" in lines[0]
+    df = pd.read_csv(out / "predictions.csv")                       # whole: it parses
+    assert f"{len(df)} row(s) are safely in" in lines[0]
+    assert 0 < len(df) < 60 and (df["status"] == "ok").all()
+    assert (out / "predictions.csv").read_bytes().endswith(b"\r\n")
+    filler.unlink()
+    again = pawcam("--config", str(cfg), "predict", "in", "--out", str(out), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert len(pd.read_csv(out / "predictions.csv")) == len(df) + 60
+
+
+def test_bulk_run_onto_a_read_only_file_system(tmp_path, tiny_model_path, small_fs):
+    cfg = write_config(tmp_path, tiny_model_path)
+    write_image(tmp_path / "in" / "a.jpg", seed=1)
+    out = small_fs("out", 1024)
+    subprocess.run(["mount", "-o", "remount,ro", str(out)], check=True)
+    ro = pawcam("--config", str(cfg), "predict", "in", "--out", str(out / "sub"), cwd=tmp_path)
+    assert ro.returncode == 4, ro.stderr
+    assert "Traceback" not in ro.stderr and "Read-only file system (EROFS)" in ro.stderr

@@ -13,9 +13,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_config(tmp_path: Path, model_path: Path, **watcher) -> Path:
+def write_config(tmp_path: Path, model_path: Path, *, outbox: Path | None = None,
+                 **watcher) -> Path:
     inbox = tmp_path / "inbox"
-    outbox = tmp_path / "outbox"
+    outbox = outbox or tmp_path / "outbox"
     inbox.mkdir(exist_ok=True)
     lines = [
         "[model]", f"path = {json.dumps(str(model_path))}",
@@ -47,8 +48,9 @@ class DaemonProc:
     """A real ``pawcam watch`` process; its stderr goes to a log file."""
 
     def __init__(self, cfg: Path, *args: str, log_name: str = "daemon.log",
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, outbox: Path | None = None) -> None:
         self.cfg = cfg
+        self._outbox = outbox
         self.log_path = cfg.parent / log_name
         self.log = open(self.log_path, "ab")
         e = env()
@@ -59,7 +61,30 @@ class DaemonProc:
 
     @property
     def outbox(self) -> Path:
-        return self.cfg.parent / "outbox"
+        return self._outbox or self.cfg.parent / "outbox"
+
+    def status(self) -> dict:
+        """The status file now ({} while it cannot be read)."""
+        try:
+            return json.loads((self.outbox / "status.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def wait_status(self, timeout: float, **want) -> dict:
+        """Wait until the status file has every ``key=value`` of ``want`` (a value may be a
+        callable test); the daemon must stay alive meanwhile."""
+        deadline = time.monotonic() + timeout
+        status: dict = {}
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n"
+                                     f"{self.log_text()[-4000:]}")
+            status = self.status()
+            if status and all(v(status.get(k)) if callable(v) else status.get(k) == v
+                              for k, v in want.items()):
+                return status
+            time.sleep(0.1)
+        raise AssertionError(f"status never matched {want}: {status}\n{self.log_text()[-4000:]}")
 
     def log_text(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")

@@ -439,6 +439,7 @@ def test_crash_at_any_step_then_restart_gives_exactly_one_row_per_file(tmp_path,
         monkeypatch.undo()
         signal.signal(signal.SIGINT, old[0])
         signal.signal(signal.SIGTERM, old[1])
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
     rows_before = len(ResultsCsv(tmp_path / "outbox/results.csv", ("cat", "dog")).job_ids())
 
     assert _run_once(tmp_path) == 0                      # the restart
@@ -494,12 +495,13 @@ def test_one_daemon_per_inbox(tmp_path):
 
 # -- review fixes -------------------------------------------------------------------------------
 def _run_daemon(daemon) -> int:
-    old = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = [signal.getsignal(s) for s in sigs]
     try:
         return daemon.run()
     finally:
-        signal.signal(signal.SIGINT, old[0])
-        signal.signal(signal.SIGTERM, old[1])
+        for s, handler in zip(sigs, old):
+            signal.signal(s, handler)
 
 
 def _rows(tmp_path) -> list[dict]:
@@ -561,8 +563,9 @@ def test_recovery_keeps_the_manifest_when_moving_a_committed_file_fails(tmp_path
         raise OSError(_errno.ENOSPC, "No space left on device")
     with monkeypatch.context() as m:
         m.setattr(Spool, "finalize", full)
+        # --once does not wait a storage fault out: it stops with exit code 4 (EXIT_STORAGE)
         assert _run_daemon(Daemon(settings, watcher_settings(settings), once=True,
-                                  classifier=FakeClassifier())) == 0
+                                  classifier=FakeClassifier())) == 4
     assert _left(sp) == ["batch-b1.json", "j1"]
     assert _run_daemon(Daemon(settings, watcher_settings(settings), once=True,
                               classifier=FakeClassifier())) == 0

@@ -26,9 +26,13 @@ def register_watch(subparsers: argparse._SubParsersAction, parent: argparse.Argu
                     "(subfolders included) gets exactly one row in OUTBOX/results.csv plus "
                     "Grad-CAM pictures; inputs then move to OUTBOX/processed/ or, with a note "
                     "saying why, OUTBOX/failed/. Stop with SIGTERM or Ctrl-C: the batch in hand "
-                    "is finished first. Settings: the [watcher] section of config.toml.",
+                    "is finished first; SIGHUP reloads the model and settings. A full or "
+                    "read-only outbox or a removed inbox makes it 'degraded' (see `pawcam "
+                    "status`) until the fault is gone; it does not exit. Settings: the "
+                    "[watcher] section of config.toml.",
         epilog="Exit codes: 0 stopped cleanly; 1 fatal error (claimed files are taken over at "
-               "the next start); 2 usage/config error; 3 model error.")
+               "the next start); 2 usage/config error; 3 model error; 4 --once stopped by a "
+               "storage fault (disk full, read-only: the next start takes over).")
     p.add_argument("--inbox", type=Path, metavar="DIR", help="override [paths] inbox")
     p.add_argument("--outbox", type=Path, metavar="DIR", help="override [paths] outbox")
     p.add_argument("--once", action="store_true",
@@ -48,6 +52,11 @@ def _with_paths(args: argparse.Namespace, settings: Settings) -> Settings:
 
 
 def run_watch(args: argparse.Namespace, settings: Settings) -> int:
+    import signal
+
+    # a SIGHUP during start-up must not end the daemon (its default action): the model is
+    # being loaded from the configuration just read anyway
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from watcher.config import watcher_settings
     from watcher.daemon import Daemon
 

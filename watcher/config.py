@@ -10,6 +10,7 @@ are a ConfigError naming the key and the file (engine.config.build_section does 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from engine.config import Settings, _check, build_section
 
@@ -54,6 +55,15 @@ class WatcherSettings:
     #: Prometheus exporter (/metrics) on this port; 0 = off (needs the web extra)
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
+    #: free-space floor of the outbox's file system: below it no new files are claimed (the
+    #: daemon is ``degraded`` until space is freed). On a file system smaller than ten times
+    #: this, the floor is a tenth of its size. 0 turns the floor off.
+    min_free_mb: int = 100
+
+    #: settings a SIGHUP reload cannot change (a restart applies them)
+    RESTART_ONLY: ClassVar[tuple[str, ...]] = (
+        "observer", "poll_seconds", "processing_dir", "results_csv", "status_file",
+        "processed_dir", "failed_dir", "systemd_notify", "metrics_port", "metrics_host")
 
     def validate(self, where: str) -> None:
         _check(self.observer in OBSERVERS, where, "observer", f"must be one of {list(OBSERVERS)}")
@@ -83,9 +93,16 @@ class WatcherSettings:
         _check(0 <= self.metrics_port <= 65535, where, "metrics_port",
                "must be 0 (off) or a port number")
         _check(bool(self.metrics_host), where, "metrics_host", "must be an address")
+        _check(0 <= self.min_free_mb <= 10_000_000, where, "min_free_mb",
+               "must be between 0 (off) and 10000000")
 
     def effective_batch_size(self, settings: Settings) -> int:
         return self.batch_size or settings.inference.batch_size
+
+    def free_space_floor(self, fs_bytes: int) -> int:
+        """Bytes that must stay free on a file system of ``fs_bytes``: ``min_free_mb``, or a
+        tenth of a small file system (so an 8 MB one still works, with 0.8 MB kept free)."""
+        return min(self.min_free_mb * 2**20, fs_bytes // 10)
 
 
 def watcher_settings(settings: Settings) -> WatcherSettings:

@@ -24,7 +24,7 @@ from engine.results import Result
 log = logging.getLogger("pawcam.watch")
 
 LATENCY_WINDOW = 1000   # recent files kept for the status file's p50/p95
-STATES = ("starting", "running", "stopping", "stopped")
+STATES = ("starting", "running", "degraded", "stopping", "stopped")
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 INFERENCE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
@@ -83,7 +83,8 @@ class DaemonMetrics(NullMetrics):
                                 "Unix time of the last committed batch", registry=r)
         self.info = Gauge("pawcam_model_info", "The loaded model (value 1)", ["version"],
                           registry=r)
-        self.up = Gauge("pawcam_up", "1 while the daemon is running and watching", registry=r)
+        self.up = Gauge("pawcam_up", "1 while the daemon is up and watching (running or degraded)",
+                        registry=r)
         self.state_g = Gauge("pawcam_state", "The daemon's state (1 for the current one)",
                              ["state"], registry=r)
         Gauge("pawcam_start_time_seconds", "Unix time the daemon started",
@@ -118,7 +119,7 @@ class DaemonMetrics(NullMetrics):
     def state(self, state: str) -> None:
         for s in STATES:
             self.state_g.labels(state=s).set(1 if s == state else 0)
-        self.up.set(1 if state == "running" else 0)
+        self.up.set(1 if state in ("running", "degraded") else 0)
 
     def inference(self, seconds: float, images: int) -> None:
         self.inference_s.observe(seconds)

@@ -13,7 +13,7 @@ from watcher.spool import write_atomic
 
 @dataclass
 class Status:
-    state: str = "starting"            # starting, running, stopping, stopped
+    state: str = "starting"            # starting, running, degraded, stopping, stopped
     pid: int = field(default_factory=os.getpid)
     started: str = field(default_factory=utc_now)
     updated: str = field(default_factory=utc_now)
@@ -32,11 +32,42 @@ class Status:
     last_batch_at: str = ""
     latency_p50_s: float | None = None # ready in the inbox -> row committed, recent files
     latency_p95_s: float | None = None
+    degraded_reason: str = ""          # why no new files are taken (state "degraded")
+    degraded_since: str = ""
+    next_retry_at: str = ""            # when the daemon tries again (it resumes by itself)
+    last_reload: str = ""              # outcome of the last SIGHUP reload
 
     def write(self, path: Path) -> None:
+        """Replace the file atomically; on a full file system, overwrite the existing file in
+        place instead (its blocks are already allocated), so that ``pawcam status`` can still
+        say why the daemon is degraded."""
         self.updated = utc_now()
-        data = json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n"
-        write_atomic(path, data.encode("utf-8"), durable=False)
+        data = (json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        try:
+            write_atomic(path, data, durable=False)
+        except OSError:
+            if not overwrite_in_place(path, data):
+                raise
+
+
+def overwrite_in_place(path: Path, data: bytes) -> bool:
+    """Write ``data`` over an existing file without allocating (padded with spaces to the old
+    size, which JSON allows, instead of truncating). A reader may see a torn mix for a moment
+    (``pawcam status`` then says it cannot read the file); only used when the atomic write
+    failed. False when the file does not exist or the write fails too."""
+    try:
+        fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        size = os.fstat(fd).st_size
+        body = data.rstrip(b"\n").ljust(size - 1) + b"\n" if len(data) < size else data
+        os.pwrite(fd, body, 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def read_status(path: Path) -> dict[str, Any]:
@@ -79,6 +110,12 @@ def format_status(data: dict[str, Any], path: Path | None = None) -> str:
     if data.get("latency_p50_s") is not None:
         rows.append(("latency p50/p95", f"{data['latency_p50_s']:.2f} s / "
                                          f"{data.get('latency_p95_s') or 0:.2f} s"))
+    if data.get("degraded_reason"):
+        rows.insert(1, ("degraded", f"since {data.get('degraded_since') or '?'}: "
+                                    f"{data['degraded_reason']}; not taking new files, next try "
+                                    f"at {data.get('next_retry_at') or '?'} (resumes by itself)"))
+    if data.get("last_reload"):
+        rows.append(("last reload", data["last_reload"]))
     if path is not None:
         rows.insert(0, ("status file", str(path)))
     width = max(len(k) for k, _ in rows)
