@@ -28,7 +28,7 @@ import numpy as np
 
 from engine.classifier import Classifier, Job
 from engine.decode import DecodedImage
-from engine.errors import ImageError
+from engine.errors import ImageError, is_storage_fault
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class Pipeline(Generic[R]):
                  finish: Finish | None = None, on_error: OnError | None = None,
                  prefetch: int = PREFETCH_BATCHES, durable: bool = False,
                  threads: int | None = None) -> None:
+        #: may be swapped between batches (the daemon's reload): the steps read it each time
         self.classifier = classifier
         if finish is None:
             if out_dir is None:
@@ -74,9 +75,9 @@ class Pipeline(Generic[R]):
             folder = Path(out_dir)
 
             def finish(job, image, probs, cam):  # type: ignore[no-redef]
-                return classifier.finish(job, image, probs, cam, folder, durable)
+                return self.classifier.finish(job, image, probs, cam, folder, durable)
         self.finish: Finish = finish
-        self.on_error: OnError = on_error or classifier.error_result
+        self.on_error: OnError = on_error or (lambda job, exc: self.classifier.error_result(job, exc))
         self.prefetch = prefetch
         self.pool = ThreadPoolExecutor(threads or classifier.settings.inference.threads,
                                        thread_name_prefix="pawcam-io")
@@ -110,7 +111,13 @@ class Pipeline(Generic[R]):
         decoded = [f.result() for f in batch.decoding]
         batch.decoding = []
         good = [d for d in decoded if isinstance(d, DecodedImage)]
-        probs, cams = self.classifier.infer(good) if good else (None, None)
+        try:
+            probs, cams = self.classifier.infer(good) if good else (None, None)
+        except Exception as exc:  # one bad batch must not end the run or the daemon
+            log.exception("the model failed on a batch of %d", len(good))
+            failure = ImageError(f"internal error while classifying ({type(exc).__name__}: "
+                                 f"{exc})")
+            decoded = [failure if isinstance(d, DecodedImage) else d for d in decoded]
         k = 0
         for job, d in zip(batch.jobs, decoded):
             if isinstance(d, DecodedImage):
@@ -128,10 +135,35 @@ class Pipeline(Generic[R]):
         With ``wait=False`` only batches whose finish steps are already done come out.
         """
         while len(self._finishing) > keep:
-            if not wait and not self._finishing[0].finished():
+            batch = self._finishing[0]
+            if not wait and not batch.finished():
                 return
-            batch = self._finishing.popleft()
-            yield batch.tag, batch.records()
+            records = batch.records()  # a storage fault raises here and the batch stays in flight
+            self._finishing.popleft()
+            yield batch.tag, records
+
+    def abandon(self) -> list[Any]:
+        """Drop every batch in flight (a storage fault: its rows must not be committed now).
+
+        Waits for finish steps already running, cancels queued decodes; returns the batches'
+        tags, oldest first, so that the caller can redo them later.
+        """
+        tags = []
+        for batch in self._finishing:
+            for slot in batch.slots:
+                if isinstance(slot, Future):
+                    try:
+                        slot.result()
+                    except Exception:  # noqa: BLE001 - the batch is redone anyway
+                        pass
+            tags.append(batch.tag)
+        for batch in self._decoding:
+            for f in batch.decoding:
+                f.cancel()
+            tags.append(batch.tag)
+        self._finishing.clear()
+        self._decoding.clear()
+        return tags
 
     # -- pull style ---------------------------------------------------------------------
     def run(self, batches: Iterable[list[Job]]) -> Iterator[tuple[Any, list[R]]]:
@@ -161,4 +193,19 @@ class Pipeline(Generic[R]):
 
     def _finish(self, job: Job, image: DecodedImage, probs: np.ndarray,
                 cam: np.ndarray | None) -> R:
-        return self.finish(job, image, probs, cam)
+        """The caller's finish step; a storage fault (the output's problem: disk full,
+        read-only, ...) propagates, any other failure becomes this job's error record."""
+        try:
+            return self.finish(job, image, probs, cam)
+        except OSError as exc:
+            if is_storage_fault(exc):
+                raise
+            return self._internal_error(job, exc)
+        except Exception as exc:  # noqa: BLE001 - one file must not end the run
+            return self._internal_error(job, exc)
+
+    def _internal_error(self, job: Job, exc: Exception) -> R:
+        log.error("finishing %s failed", job.display_path, exc_info=exc)
+        error = ImageError(f"internal error while writing results ({type(exc).__name__}: {exc})")
+        error.sha256 = getattr(exc, "sha256", "")
+        return self.on_error(job, error)
