@@ -30,13 +30,15 @@ import math
 import os
 import re
 import shutil
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from engine.bulk import CSV_NAME, Progress, Summary, count_inputs_in_background, list_pending
 from engine.bulk import new_run_id
-from engine.classifier import Classifier, Job
+from engine.classifier import PICTURES_DIR, Classifier, Job
 from engine.config import Settings, replace
 from engine.errors import ConfigError, PawcamError
 from engine.modelio import read_meta
@@ -100,8 +102,9 @@ def chunks(offsets: list[int], step: int, per_chunk: int) -> list[dict[str, int]
     """``{first, start, end}``: the first job number and byte range of each chunk of
     ``per_chunk`` lines (a multiple of ``step``), from :func:`write_list`'s offsets."""
     k = max(1, per_chunk // step)
-    return [{"first": i * step + 1, "start": offsets[i], "end": offsets[min(i + k, len(offsets) - 1)]}
-            for i in range(0, len(offsets) - 1, k)]
+    last = len(offsets) - 1
+    return [{"first": i * step + 1, "start": offsets[i], "end": offsets[min(i + k, last)]}
+            for i in range(0, last, k)]
 
 
 # -- the actor ----------------------------------------------------------------------------------
@@ -110,6 +113,7 @@ class ClassifierActor:
 
     def __init__(self, settings: Settings, out_dir: str, run_dir: str, run_id: str) -> None:
         self.classifier = Classifier(settings)
+        self.turns = _Turns()
         self.out_dir = Path(out_dir)
         self.run_dir = Path(run_dir)
         self.run_id = run_id
@@ -141,25 +145,30 @@ class ClassifierActor:
         crashed_before = _count(marker) > 0
         _set_count(marker, _count(marker) + 1)
         if not crashed_before:
-            results = self._process([j for _, j in jobs])
-        else:  # an earlier try died inside this chunk: one file at a time, counting crashes
-            results = []
-            for seq, job in jobs:
-                tries = self.run_dir / f"file-{seq}"
-                crashes = _count(tries)  # tries that never came back
-                if crashes >= self.max_crashes:
-                    log.error("%s killed a worker %d times: error row", job.display_path,
-                              crashes)
-                    results.append(self.classifier.error_result(
-                        job, f"processing this file killed a pawcam worker {crashes} times "
-                             "(decoder crash or out of memory?); not tried again in this run",
-                        sha256=file_sha256(job.source, job.follow_symlinks) or ""))
-                    continue
-                _set_count(tries, crashes + 1)
-                results.extend(self._process([job]))
-                _unlink(tries)
+            with self.turns.shared():
+                results = self._process([j for _, j in jobs])
+        else:  # an earlier try died inside this chunk: one file at a time, counting crashes,
+            with self.turns.alone():  # alone in the actor, so a crash is blamed on the right file
+                results = self._one_by_one(jobs)
         _unlink(marker)
         return [(r, seq) for r, (seq, _) in zip(results, jobs)]
+
+    def _one_by_one(self, jobs: list[tuple[int, Job]]) -> list[Result]:
+        results = []
+        for seq, job in jobs:
+            tries = self.run_dir / f"file-{seq}"
+            crashes = _count(tries)  # tries that never came back
+            if crashes >= self.max_crashes:
+                log.error("%s killed a worker %d times: error row", job.display_path, crashes)
+                results.append(self.classifier.error_result(
+                    job, f"processing this file killed a pawcam worker {crashes} times "
+                         "(decoder crash or out of memory?); not tried again in this run",
+                    sha256=file_sha256(job.source, job.follow_symlinks) or ""))
+                continue
+            _set_count(tries, crashes + 1)
+            results.extend(self._process([job]))
+            _unlink(tries)
+        return results
 
     def _process(self, jobs: list[Job]) -> list[Result]:
         try:
@@ -168,6 +177,40 @@ class ClassifierActor:
             log.exception("worker failure on a batch of %d", len(jobs))
             return [self.classifier.error_result(j, f"worker failure ({type(exc).__name__}: "
                                                     f"{exc})") for j in jobs]
+
+
+class _Turns:
+    """Calls share the actor, except a call under suspicion, which runs alone."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._alone = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._alone)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def alone(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._alone)
+            self._alone = True  # no new shared call starts from here
+            self._cond.wait_for(lambda: self._shared == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._alone = False
+                self._cond.notify_all()
 
 
 def _count(path: Path) -> int:
@@ -202,11 +245,13 @@ def _pool_size(ray, cluster) -> int:
 
 
 def _actor_settings(settings: Settings) -> Settings:
-    """Decode threads follow the actor's CPUs (not the node's cores) unless set explicitly."""
+    """Decode and model threads follow the actor's CPUs (not the node's cores) unless set."""
     inference = settings.inference
+    threads = max(1, math.ceil(settings.cluster.cpus_per_actor))
     if inference.decode_threads == 0:
-        threads = max(1, math.ceil(settings.cluster.cpus_per_actor))
         inference = replace(inference, decode_threads=min(64, threads))
+    if inference.model_threads == 0:
+        inference = replace(inference, model_threads=min(256, threads))
     return replace(settings, inference=inference)
 
 
@@ -222,6 +267,20 @@ def _connect(ray, address: str) -> bool:
         raise PawcamError(f"cannot start or reach Ray at {address or 'a local instance'}: "
                           f"{exc}") from exc
     return True
+
+
+def _remove_temp_pictures(folder: Path, run_id: str) -> None:
+    """Remove the temp files of pictures a killed worker was writing (``.NAME.PID.tmp``)."""
+    try:
+        with os.scandir(folder) as it:
+            stale = [e.path for e in it if e.name.startswith(".") and e.name.endswith(".tmp")
+                     and f".{run_id}-" in e.name]
+    except OSError:
+        return
+    for path in stale:
+        _unlink(Path(path))
+    if stale:
+        log.info("removed %d picture temp file(s) left by killed workers", len(stale))
 
 
 class _Seen:
@@ -275,6 +334,7 @@ def run_bulk_ray(paths: Sequence[str | Path], out_dir: Path, settings: Settings,
         if progress:
             progress.close()
         shutil.rmtree(run_dir, ignore_errors=True)
+        _remove_temp_pictures(out_dir / PICTURES_DIR, run_id)
         if started:
             ray.shutdown()
 
@@ -299,7 +359,10 @@ def _run(ray, offsets: list[int], total: int, settings: Settings,
              "input(s)", actors, cluster.cpus_per_actor, cluster.gpus_per_actor, len(items),
              per_call)
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        ClassifierActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
+        ClassifierActor, batch_size=1,
+        compute=ray.data.ActorPoolStrategy(
+            size=actors, max_concurrent_calls_per_actor=cluster.calls_per_actor,
+            enable_true_multi_threading=cluster.calls_per_actor > 1),
         num_cpus=cluster.cpus_per_actor, num_gpus=cluster.gpus_per_actor or None,
         fn_constructor_args=(_actor_settings(settings), str(out_dir), str(run_dir), run_id))
     seen = _Seen(total)

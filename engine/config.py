@@ -60,6 +60,8 @@ class InferenceSettings:
     #: ONNX Runtime precision: "auto" (int8 when its recorded check passed, else fp32),
     #: "fp32" (exact) or "int8"
     precision: str = "auto"
+    #: threads ONNX Runtime runs one batch on; 0 = its default (one per physical core)
+    model_threads: int = 0
 
     def validate(self, where: str) -> None:
         _check(1 <= self.batch_size <= 4096, where, "batch_size", "must be between 1 and 4096")
@@ -69,6 +71,8 @@ class InferenceSettings:
         _check(self.runtime in RUNTIMES, where, "runtime", f"must be one of {list(RUNTIMES)}")
         _check(self.precision in PRECISIONS, where, "precision",
                f"must be one of {list(PRECISIONS)}")
+        _check(0 <= self.model_threads <= 256, where, "model_threads",
+               "must be between 0 (one per physical core) and 256")
 
     @property
     def threads(self) -> int:
@@ -145,10 +149,13 @@ class ClusterSettings:
     #: classifier actors (one loaded model each); 0 = as many as the cluster's CPUs (or GPUs,
     #: with gpus_per_actor) allow
     actors: int = 0
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float = 2.0
     gpus_per_actor: float = 0.0
     #: inputs per actor call; 0 = 4 x [inference] batch_size (decoding overlaps the model)
     batch_size: int = 0
+    #: calls one actor runs at once (on threads, one model): 2 lets the next call decode
+    #: while this one is on the model
+    calls_per_actor: int = 2
     #: a file that killed a worker this many times gets an error row instead of another try
     max_crashes: int = 2
 
@@ -160,6 +167,8 @@ class ClusterSettings:
         _check(0 <= self.batch_size <= 65536, where, "batch_size",
                "must be between 0 (4 x [inference] batch_size) and 65536")
         _check(1 <= self.max_crashes <= 100, where, "max_crashes", "must be between 1 and 100")
+        _check(1 <= self.calls_per_actor <= 16, where, "calls_per_actor",
+               "must be between 1 and 16")
 
     def inputs_per_call(self, model_batch: int) -> int:
         return self.batch_size or 4 * model_batch

@@ -69,7 +69,7 @@ def settings(model):
                    gradcam=replace(s.gradcam, max_side=64),
                    inference=replace(s.inference, batch_size=8, runtime="onnxruntime",
                                      precision="fp32"),
-                   cluster=replace(s.cluster, actors=2, batch_size=16))
+                   cluster=replace(s.cluster, actors=2, cpus_per_actor=1.0, batch_size=16))
 
 
 def hostile_folder(src: Path, n: int) -> list[Path]:
@@ -178,7 +178,7 @@ def test_driver_sigkill_then_resume_on_ray(tmp_path, ray_cluster, settings, mode
     cfg = tmp_path / "config.toml"
     cfg.write_text(f'[model]\npath = "{model}"\n[gradcam]\nmax_side = 64\n'
                    '[inference]\nbatch_size = 4\nruntime = "onnxruntime"\nprecision = "fp32"\n'
-                   '[cluster]\nactors = 2\nbatch_size = 4\n', encoding="utf-8")
+                   '[cluster]\nactors = 2\ncpus_per_actor = 1.0\nbatch_size = 4\n', encoding="utf-8")
     src, out = tmp_path / "in", tmp_path / "out"
     n = 200
     for i in range(n):
