@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = ('Ray is not installed; install the extra: pip install -e ".[ray]" (or `make '
                 'setup`), or run without --ray')
+#: the driver appends to the CSV once this many rows are waiting, or this long after the last
+APPEND_ROWS = 1024
+APPEND_SECONDS = 1.0
 _ADDRESS = re.compile(r"^(auto|local|ray://\S+|[\w.\-]+:\d+)$")
 
 
@@ -366,20 +369,37 @@ def _run(ray, offsets: list[int], total: int, settings: Settings,
         num_cpus=cluster.cpus_per_actor, num_gpus=cluster.gpus_per_actor or None,
         fn_constructor_args=(_actor_settings(settings), str(out_dir), str(run_dir), run_id))
     seen = _Seen(total)
+    pending: list[Result] = []
+    last_append = time.monotonic()
+
+    def append() -> None:
+        nonlocal last_append
+        writer.append(pending)
+        for r in pending:
+            summary.total += 1
+            if r.ok:
+                summary.counts[r.label] += 1
+            else:
+                summary.errors += 1
+                log.warning("%s: %s", printable(r.input_path), r.error)
+        if progress:
+            progress.update(len(pending))
+        pending.clear()
+        last_append = time.monotonic()
+
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            results = [Result(**json.loads(row)) for seq, row in zip(batch["seq"], batch["row"])
-                       if seen.add(int(seq))]
-            writer.append(results)
-            for r in results:
-                summary.total += 1
-                if r.ok:
-                    summary.counts[r.label] += 1
-                else:
-                    summary.errors += 1
-                    log.warning("%s: %s", printable(r.input_path), r.error)
-            if progress:
-                progress.update(len(results))
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                pending.extend(Result(**json.loads(row))
+                               for seq, row in zip(batch["seq"], batch["row"])
+                               if seen.add(int(seq)))
+                # Many small calls from many actors: one durable append per APPEND_ROWS rows
+                # or per APPEND_SECONDS keeps the driver's fsyncs from capping the cluster.
+                if len(pending) >= APPEND_ROWS or time.monotonic() - last_append >= APPEND_SECONDS:
+                    append()
+        finally:
+            if pending:  # rows already computed are kept, also on Ctrl-C or a failure
+                append()
     except (KeyboardInterrupt, PawcamError):
         raise
     except Exception as exc:

@@ -180,7 +180,7 @@ def test_driver_sigkill_then_resume_on_ray(tmp_path, ray_cluster, settings, mode
                    '[inference]\nbatch_size = 4\nruntime = "onnxruntime"\nprecision = "fp32"\n'
                    '[cluster]\nactors = 2\ncpus_per_actor = 1.0\nbatch_size = 4\n', encoding="utf-8")
     src, out = tmp_path / "in", tmp_path / "out"
-    n = 200
+    n = 300
     for i in range(n):
         write_image(src / f"img_{i:03d}.jpg", width=96, height=72, seed=i)
     cmd = [sys.executable, "-m", "engine.cli", "--config", str(cfg), "predict", str(src),
@@ -191,7 +191,7 @@ def test_driver_sigkill_then_resume_on_ray(tmp_path, ray_cluster, settings, mode
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if csv_path.exists() and csv_path.read_bytes().count(b"\r\n") > 20:
+            if csv_path.exists() and csv_path.read_bytes().count(b"\r\n") > 1:  # first rows
                 break
             time.sleep(0.01)
         os.kill(proc.pid, signal.SIGKILL)
