@@ -217,3 +217,24 @@ def test_without_ray_installed_the_error_says_what_to_install(tmp_path, tiny_mod
     assert r.returncode == 2, r.stderr
     assert 'pip install -e ".[ray]"' in r.stderr
     assert not (tmp_path / "out" / "predictions.csv").exists()
+
+
+def test_list_file_round_trips_odd_names_and_chunks_cover_every_line(tmp_path):
+    from engine.bulk_ray import _decode_line, chunks, write_list
+
+    names = [Path(f"/p/{i}.jpg") for i in range(23)]
+    names[3] = Path("/p/new\nline,\t\"tab\".jpg")
+    names[7] = Path(os.fsdecode(b"/p/latin1-\xe9.jpg"))  # not UTF-8: a surrogate escape
+    inputs = [(p, i % 2 == 0) for i, p in enumerate(names)]
+    total, offsets = write_list(inputs, tmp_path / "inputs.list", step=4)
+    assert total == 23
+    data = (tmp_path / "inputs.list").read_bytes()
+    for per_chunk in (4, 8, 12, 100):
+        seen = []
+        for c in chunks(offsets, 4, per_chunk):
+            lines = data[c["start"]:c["end"]].splitlines(keepends=True)
+            decoded = [_decode_line(line) for line in lines]
+            assert decoded[0][0] == c["first"]
+            seen += decoded
+        assert [(seq, follow, path) for seq, follow, path in seen] == \
+            [(i + 1, follow, str(p)) for i, (p, follow) in enumerate(inputs)]
