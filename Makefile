@@ -6,14 +6,14 @@ BIN     = $(VENV)/bin
 DATA   ?= ../shared/dataset/test
 OUT    ?= results
 
-.PHONY: setup run test bench bench-watcher bench-web soak train evaluate export clean
+.PHONY: setup run test bench bench-watcher bench-web bench-ray soak train evaluate export clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[train,dev,web]"
+	$(BIN)/python -m pip install --quiet -e ".[train,dev,web,ray]"
 	touch $@
 
 run: setup            ## classify every photo under DATA into OUT/predictions.csv + OUT/gradcam/
@@ -31,6 +31,9 @@ bench-watcher: setup  ## daemon latency/throughput figures quoted in README.md
 
 bench-web: setup      ## web app page loads over 1,000,000 indexed rows, quoted in README.md
 	$(BIN)/python benchmarks/bench_web.py
+
+bench-ray: setup      ## Ray run vs local run on the same photos (ratio quoted in README.md)
+	nice $(BIN)/python benchmarks/bench_ray.py
 
 soak: setup           ## chaos soak of the daemon (kills, full disk, removed inbox, SIGHUP); by hand
 	$(BIN)/python benchmarks/soak_watcher.py

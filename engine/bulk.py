@@ -3,11 +3,14 @@
     summary = run_bulk(["photos/"], out_dir=Path("results"), settings=settings, recursive=True)
     summary.counts      # {'cat': 120, 'dog': 97, 'uncertain': 3}
     summary.errors      # 2
+    run_bulk(["photos/"], out_dir=Path("results"), settings=settings, resume=True).skipped  # 222
 
 Files are listed lazily (one folder's names at a time, never the images) and streamed through
 the one pipeline (:mod:`engine.pipeline`: decoding ahead on a thread pool, a batch at a time on
 the model, pictures written while the next batch runs). Rows reach ``predictions.csv`` in input
 order, one durable append per batch. Memory is bounded by ``batch_size x (prefetch + 2)`` images.
+With ``resume`` the inputs that already have an ``ok`` row for their current content are skipped
+(:mod:`engine.resume`), so an interrupted run picks up where it stopped.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from engine.classifier import Classifier, Job
 from engine.config import Settings
 from engine.errors import StorageError, describe_os_error, is_storage_fault
 from engine.pipeline import Pipeline
+from engine.resume import DoneIndex
 from engine.results import Result, ResultsCsv, printable
 
 log = logging.getLogger(__name__)
@@ -168,6 +172,8 @@ class Summary:
     errors: int = 0
     counts: Counter = field(default_factory=Counter)
     seconds: float = 0.0
+    #: inputs left out because they already had an ok row (``--resume``)
+    skipped: int = 0
 
     @property
     def rate(self) -> float:
@@ -175,8 +181,9 @@ class Summary:
 
     def lines(self) -> list[str]:
         labels = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items())) or "none"
+        done = [f"skipped {self.skipped} already done (resumed)"] if self.skipped else []
         return [f"{self.total} file(s) in {self.seconds:.1f} s ({self.rate:.1f} img/s)",
-                f"labels: {labels}; errors: {self.errors}",
+                f"labels: {labels}; errors: {self.errors}", *done,
                 f"results: {self.csv_path}"]
 
 
@@ -246,10 +253,30 @@ def count_inputs_in_background(paths: Sequence[str | Path], recursive: bool,
     return lambda: box[0] if box else None
 
 
+def list_pending(paths: Sequence[str | Path], out_dir: Path, class_names: Sequence[str], *,
+                 recursive: bool, csv_name: str, resume: bool,
+                 progress: Progress | None) -> tuple[Iterator[tuple[Path, bool]], list[int]]:
+    """The inputs to classify, lazily, and a one-item list counting the ones skipped so far
+    (inputs with an ok row for their current content, when ``resume``)."""
+    inputs = iter_inputs(paths, recursive, [Path(out_dir)])
+    skipped = [0]
+    if not resume:
+        return inputs, skipped
+    done = DoneIndex.load(Path(out_dir) / csv_name, class_names)
+    log.info("resume: %d input(s) already done in %s", len(done), Path(out_dir) / csv_name)
+
+    def on_skip(path: Path) -> None:
+        skipped[0] += 1
+        if progress:
+            progress.update(1)
+    return done.pending(inputs, on_skip), skipped
+
+
 def run_bulk(paths: Sequence[str | Path], out_dir: Path, settings: Settings, *,
              recursive: bool = False, csv_name: str = CSV_NAME, show_progress: bool = True,
-             classifier: Classifier | None = None) -> Summary:
-    """Classify every file under ``paths`` into ``out_dir`` (CSV + pictures)."""
+             classifier: Classifier | None = None, resume: bool = False) -> Summary:
+    """Classify every file under ``paths`` into ``out_dir`` (CSV + pictures); with ``resume``
+    skip the inputs already classified there (same path, same content)."""
     classifier = classifier or Classifier(settings)
     run_id = new_run_id()
     log.info("run %s: writing to %s", run_id, out_dir)
@@ -260,12 +287,15 @@ def run_bulk(paths: Sequence[str | Path], out_dir: Path, settings: Settings, *,
             raise
         raise StorageError(f"cannot create the output folder {printable(str(out_dir))}: "
                            f"{describe_os_error(exc)}", str(out_dir)) from exc
-    skip = [Path(out_dir)]
-    progress = (Progress(count_inputs_in_background(paths, recursive, skip)) if show_progress
-                else None)
+    progress = (Progress(count_inputs_in_background(paths, recursive, [Path(out_dir)]))
+                if show_progress else None)
     try:
-        return run_jobs(classifier, make_jobs(iter_inputs(paths, recursive, skip), run_id),
-                        out_dir, csv_name, progress)
+        inputs, skipped = list_pending(paths, out_dir, classifier.meta.class_names,
+                                       recursive=recursive, csv_name=csv_name, resume=resume,
+                                       progress=progress)
+        summary = run_jobs(classifier, make_jobs(inputs, run_id), out_dir, csv_name, progress)
+        summary.skipped = skipped[0]
+        return summary
     finally:
         if progress:
             progress.close()

@@ -3,6 +3,9 @@
     pawcam predict photos/ more.jpg --out results/ --recursive
     pawcam predict photos/ --out results/ --no-gradcam --batch-size 64
     pawcam predict photos/ --out results/ --report     # + results/report.html
+    pawcam predict photos/ --out results/ --resume    # after Ctrl-C, a crash, a lost node
+    pawcam predict photos/ --out results/ --ray       # on a local Ray (pip install -e ".[ray]")
+    pawcam predict /shared/photos --out /shared/results --ray auto   # on this machine's cluster
 """
 from __future__ import annotations
 
@@ -33,6 +36,15 @@ def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentPa
                    help="predictions only: no Grad-CAM pictures (faster)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="override [inference] batch_size")
+    p.add_argument("--resume", action="store_true",
+                   help="skip inputs that already have an ok row in the results file (same "
+                        "path and same content; a changed file is classified again): picks "
+                        "up a run that was interrupted")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on Ray (needs the ray extra): no ADDRESS = [cluster] address "
+                        "(default: a local Ray started for the run), 'auto' = this machine's "
+                        "cluster, ray://HOST:10001 = Ray Client. Multi-node: inputs, --out and "
+                        "the model must be on storage every node sees at the same path")
     p.add_argument("--csv-name", default="predictions.csv", metavar="NAME",
                    help="name of the results file inside --out (default: predictions.csv)")
     p.add_argument("--report", action="store_true",
@@ -54,13 +66,23 @@ def run_predict(args: argparse.Namespace, settings: Settings) -> int:
                                                        batch_size=args.batch_size))
     if "/" in args.csv_name or args.csv_name in ("", ".", ".."):
         raise ConfigError("--csv-name must be a plain file name")
-    summary = run_bulk(args.paths, args.out, settings, recursive=args.recursive,
-                       csv_name=args.csv_name, show_progress=not args.quiet)
+    if args.ray is not None:
+        from engine.bulk_ray import run_bulk_ray
+
+        summary = run_bulk_ray(args.paths, args.out, settings, address=args.ray or None,
+                               recursive=args.recursive, csv_name=args.csv_name,
+                               show_progress=not args.quiet, resume=args.resume)
+    else:
+        summary = run_bulk(args.paths, args.out, settings, recursive=args.recursive,
+                           csv_name=args.csv_name, show_progress=not args.quiet,
+                           resume=args.resume)
     for line in summary.lines():
         log.warning(line) if args.quiet and summary.errors else log.info(line)
-    if summary.total == 0:
+    if summary.total == 0 and not summary.skipped:
         log.error("no input files found (use --recursive to enter subfolders)")
         return EXIT_USAGE
+    if summary.total == 0:
+        log.info("nothing left to do: every input already has an ok row")
     if args.report:
         from engine.report import write_report
 

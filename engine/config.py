@@ -60,6 +60,8 @@ class InferenceSettings:
     #: ONNX Runtime precision: "auto" (int8 when its recorded check passed, else fp32),
     #: "fp32" (exact) or "int8"
     precision: str = "auto"
+    #: threads ONNX Runtime runs one batch on; 0 = its default (one per physical core)
+    model_threads: int = 0
 
     def validate(self, where: str) -> None:
         _check(1 <= self.batch_size <= 4096, where, "batch_size", "must be between 1 and 4096")
@@ -69,6 +71,8 @@ class InferenceSettings:
         _check(self.runtime in RUNTIMES, where, "runtime", f"must be one of {list(RUNTIMES)}")
         _check(self.precision in PRECISIONS, where, "precision",
                f"must be one of {list(PRECISIONS)}")
+        _check(0 <= self.model_threads <= 256, where, "model_threads",
+               "must be between 0 (one per physical core) and 256")
 
     @property
     def threads(self) -> int:
@@ -136,6 +140,41 @@ class DeviceSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """``pawcam predict --ray``: where the run goes and how the actor pool is sized."""
+
+    #: "" starts a local Ray for the run; "auto" joins the cluster of this machine;
+    #: "ray://HOST:10001" connects through Ray Client; "HOST:6379" joins by GCS address
+    address: str = ""
+    #: classifier actors (one loaded model each); 0 = as many as the cluster's CPUs (or GPUs,
+    #: with gpus_per_actor) allow
+    actors: int = 0
+    cpus_per_actor: float = 2.0
+    gpus_per_actor: float = 0.0
+    #: inputs per actor call; 0 = 4 x [inference] batch_size (decoding overlaps the model)
+    batch_size: int = 0
+    #: calls one actor runs at once (on threads, one model): 2 lets the next call decode
+    #: while this one is on the model
+    calls_per_actor: int = 2
+    #: a file that killed a worker this many times gets an error row instead of another try
+    max_crashes: int = 2
+
+    def validate(self, where: str) -> None:
+        _check(0 <= self.actors <= 100_000, where, "actors", "must be between 0 (auto) and 100000")
+        _check(0 < self.cpus_per_actor <= 1024, where, "cpus_per_actor",
+               "must be above 0 and at most 1024")
+        _check(0 <= self.gpus_per_actor <= 64, where, "gpus_per_actor", "must be between 0 and 64")
+        _check(0 <= self.batch_size <= 65536, where, "batch_size",
+               "must be between 0 (4 x [inference] batch_size) and 65536")
+        _check(1 <= self.max_crashes <= 100, where, "max_crashes", "must be between 1 and 100")
+        _check(1 <= self.calls_per_actor <= 16, where, "calls_per_actor",
+               "must be between 1 and 16")
+
+    def inputs_per_call(self, model_batch: int) -> int:
+        return self.batch_size or 4 * model_batch
+
+
+@dataclass(frozen=True)
 class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     paths: PathSettings = field(default_factory=PathSettings)
@@ -143,6 +182,7 @@ class Settings:
     decode: DecodeSettings = field(default_factory=DecodeSettings)
     gradcam: GradcamSettings = field(default_factory=GradcamSettings)
     device: DeviceSettings = field(default_factory=DeviceSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     #: raw tables of sections owned by other packages (see EXTRA_SECTIONS)
     extra_sections: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: the file these settings came from (None: built-in defaults)
@@ -158,6 +198,7 @@ _ENGINE_SECTIONS: dict[str, type] = {
     "decode": DecodeSettings,
     "gradcam": GradcamSettings,
     "device": DeviceSettings,
+    "cluster": ClusterSettings,
 }
 
 

@@ -109,6 +109,8 @@ class OrtRuntime:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        if settings.inference.model_threads:
+            options.intra_op_num_threads = settings.inference.model_threads
         onnx_path = manifest.path_for(precision)
         try:
             session = ort.InferenceSession(str(onnx_path), options,
