@@ -19,6 +19,7 @@ The callers differ only in what they add around it:
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -83,6 +84,9 @@ class Pipeline(Generic[R]):
                                        thread_name_prefix="pawcam-io")
         self._decoding: deque[_Batch] = deque()
         self._finishing: deque[_Batch] = deque()
+        #: the last model call: (tag, monotonic start incl. waiting for decodes, model seconds,
+        #: images on the model) -- for the daemon's timings and metrics
+        self.last_call: tuple[Any, float, float, int] | None = None
 
     # -- push style ---------------------------------------------------------------------
     def submit(self, jobs: list[Job], tag: Hashable = None) -> None:
@@ -100,6 +104,14 @@ class Pipeline(Generic[R]):
         """Batches submitted whose records have not been returned yet."""
         return len(self._decoding) + len(self._finishing)
 
+    def tags(self) -> list[Any]:
+        """Tags of the batches in flight, oldest first (finishing, then waiting)."""
+        return [b.tag for b in (*self._finishing, *self._decoding)]
+
+    def waiting_tags(self) -> list[Any]:
+        """Tags of the batches that have not been on the model yet."""
+        return [b.tag for b in self._decoding]
+
     def advance(self) -> bool:
         """Run the oldest waiting batch through the model (waits for its decoding).
 
@@ -107,10 +119,12 @@ class Pipeline(Generic[R]):
         """
         if not self._decoding:
             return False
+        started = time.monotonic()
         batch = self._decoding.popleft()
         decoded = [f.result() for f in batch.decoding]
         batch.decoding = []
         good = [d for d in decoded if isinstance(d, DecodedImage)]
+        t_model = time.monotonic()
         try:
             probs, cams = self.classifier.infer(good) if good else (None, None)
         except Exception as exc:  # one bad batch must not end the run or the daemon
@@ -118,6 +132,7 @@ class Pipeline(Generic[R]):
             failure = ImageError(f"internal error while classifying ({type(exc).__name__}: "
                                  f"{exc})")
             decoded = [failure if isinstance(d, DecodedImage) else d for d in decoded]
+        self.last_call = (batch.tag, started, time.monotonic() - t_model, len(good))
         k = 0
         for job, d in zip(batch.jobs, decoded):
             if isinstance(d, DecodedImage):

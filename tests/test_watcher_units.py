@@ -435,7 +435,7 @@ def test_crash_at_any_step_then_restart_gives_exactly_one_row_per_file(tmp_path,
             first.run()
     finally:
         os.close(first._lock_fd)
-        first.pool.shutdown(wait=True)
+        first.pipe.close()
         monkeypatch.undo()
         signal.signal(signal.SIGINT, old[0])
         signal.signal(signal.SIGTERM, old[1])

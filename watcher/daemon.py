@@ -37,9 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from engine.bulk import new_run_id
-from engine.classifier import format_confidence
+from engine.classifier import PICTURES_DIR, format_confidence
 from engine.config import Settings, load_settings, replace
 from engine.errors import PawcamError, describe_os_error, is_storage_fault
+from engine.pipeline import Pipeline
 from engine.results import Result, ResultsCsv, printable, utc_now
 from watcher.config import WatcherSettings, watcher_settings
 from watcher.metrics import DaemonMetrics, NullMetrics
@@ -113,11 +114,12 @@ class Daemon:
         self._batches = 0
         self.stop_requested = False
         self.pending: deque[ClaimedBatch] = deque()        # recovered, to classify first
-        self.decoding: deque[tuple[ClaimedBatch, list[Future]]] = deque()
-        self.finishing: deque[tuple[ClaimedBatch, list[Any], float]] = deque()
+        #: decode -> model -> pictures, the engine's one pipeline; tags are ClaimedBatches
+        self.pipe: Pipeline | None = None
+        self._uncommitted: ClaimedBatch | None = None     # out of the pipeline, commit failed
+        self._started: dict[str, float] = {}              # batch id -> when it went to the model
         self.blocked: set[str] = set()                     # could not be claimed; retry at rescan
         self.observer = None
-        self.pool: ThreadPoolExecutor | None = None
         self.spool: Spool | None = None
         self.csv: ResultsCsv | None = None
         self._next_rescan = 0.0
@@ -225,8 +227,10 @@ class Daemon:
         if self.stop_requested:
             self._write_state("stopped")
             return 0
-        self.pool = ThreadPoolExecutor(self.settings.inference.threads,
-                                       thread_name_prefix="pawcam-io")
+        # the pictures are flushed to disk before the commit, so that a committed row never
+        # points at pictures lost in a power cut
+        self.pipe = Pipeline(self.clf, self.outbox, durable=True,
+                             threads=self.settings.inference.threads)
         try:
             try:
                 self._recover()
@@ -275,16 +279,16 @@ class Daemon:
                 self._try_resume()
             try:
                 self._fill_pipeline(time.monotonic())
-                if self.decoding:
-                    self._run_model(*self.decoding.popleft())
+                if self.pipe.waiting:
+                    self._run_model()
                     self._flush(keep=1 if self._more_work(time.monotonic()) else 0)
-                elif self.finishing:
+                elif self.pipe.in_flight:
                     self._flush(keep=0)
             except OSError as exc:
                 if not transient(exc):
                     raise
                 self._storage_fault(exc)
-            busy = bool(self.decoding or self.finishing or (self.pending and self._claiming()))
+            busy = bool(self.pipe.in_flight or (self.pending and self._claiming()))
             if self.once and not busy and (self.fault is not None or not self.tracker.candidates):
                 break
             timeout = 0.0 if busy else self._idle_timeout()
@@ -292,13 +296,14 @@ class Daemon:
     def _more_work(self, now: float) -> bool:
         """Another batch will go to the model right away (so keep one batch's pictures
         writing in the background instead of waiting for them)."""
-        return bool(self.decoding or (self._claiming() and (self.pending or self._batch_due(now))))
+        return bool(self.pipe.waiting
+                    or (self._claiming() and (self.pending or self._batch_due(now))))
 
     def _batch_due(self, now: float) -> bool:
         """Natural batching: with the model free (no claimed batch waiting for it), whatever is
         ready goes now; while it is busy, a batch goes when full or ``max_wait_ms`` after its
         first file was ready."""
-        return bool(self.tracker.ready) and (not self.decoding or self.tracker.batch_due(now))
+        return bool(self.tracker.ready) and (not self.pipe.waiting or self.tracker.batch_due(now))
 
     def _claiming(self) -> bool:
         """New work may start: not degraded, and no reloaded model waiting to be swapped in."""
@@ -408,7 +413,7 @@ class Daemon:
 
     # -- batches ------------------------------------------------------------------------------
     def _fill_pipeline(self, now: float) -> None:
-        while len(self.decoding) < PIPELINE_DEPTH and self._claiming():
+        while self.pipe.waiting < PIPELINE_DEPTH and self._claiming():
             if self.pending:
                 batch = self.pending.popleft()
             elif self._batch_due(now):
@@ -419,8 +424,7 @@ class Daemon:
                     continue
             else:
                 return
-            jobs = self._jobs(batch)
-            self.decoding.append((batch, [self.pool.submit(self.clf.try_decode, j) for j in jobs]))
+            self.pipe.submit(self._jobs(batch), tag=batch)
 
     def _claim(self, now: float) -> ClaimedBatch | None:
         wall = time.time()
@@ -455,69 +459,38 @@ class Daemon:
 
         return [Job(item.path, item.rel, item.job_id) for item in batch.items]
 
-    def _run_model(self, batch: ClaimedBatch, futures: list[Future]) -> None:
-        from engine.decode import DecodedImage
-
-        t0 = time.monotonic()
-        jobs = self._jobs(batch)
-        try:
-            decoded = [f.result() for f in futures]
-            good = [d for d in decoded if isinstance(d, DecodedImage)]
-            t_infer = time.monotonic()
-            probs, cams = self.clf.infer(good) if good else (None, None)
-            self.metrics.inference(time.monotonic() - t_infer, len(good))
-            slots: list[Any] = []
-            k = 0
-            for job, d in zip(jobs, decoded):
-                if isinstance(d, DecodedImage):
-                    cam = None if cams is None else cams[k]
-                    slots.append(self.pool.submit(self._finish, job, d, probs[k], cam))
-                    k += 1
-                else:
-                    slots.append(self.clf.error_result(job, d))
-        except Exception as exc:  # one bad batch must not end the daemon
-            log.exception("batch %s failed", batch.batch_id)
-            reason = f"internal error while classifying ({type(exc).__name__}: {exc})"
-            slots = [self.clf.error_result(job, reason) for job in jobs]
-        self.finishing.append((batch, slots, t0))
-
-    def _finish(self, job, image, probs, cam) -> Result:
-        """Pictures + row (pool thread); the pictures are flushed to disk before the commit so
-        that a committed row never points at pictures lost in a power cut."""
-        return self.clf.finish(job, image, probs, cam, self.outbox, durable=True)
+    def _run_model(self) -> None:
+        """The oldest claimed batch through the model (its pictures start on the pool)."""
+        self.pipe.advance()
+        batch, started, seconds, images = self.pipe.last_call
+        self._started[batch.batch_id] = started
+        self.metrics.inference(seconds, images)
 
     def _flush(self, keep: int) -> None:
-        """Commit finished batches (all but ``keep``): rows first, then move the files."""
-        while len(self.finishing) > keep:
-            batch, slots, t0 = self.finishing[0]   # popped once committed: a fault rolls it back
-            jobs = self._jobs(batch)
-            results: list[Result] = []
-            for job, slot in zip(jobs, slots):
-                if isinstance(slot, Future):
-                    try:
-                        slot = slot.result()
-                    except OSError as exc:
-                        if transient(exc):          # the outbox's trouble: degraded, redo later
-                            raise _placed(exc, self.outbox / "gradcam")
-                        log.exception("finishing %s failed", shown(job.display_path))
-                        slot = self.clf.error_result(
-                            job, f"internal error while writing results ({type(exc).__name__}: "
-                                 f"{exc})")
-                    except Exception as exc:
-                        log.exception("finishing %s failed", shown(job.display_path))
-                        slot = self.clf.error_result(
-                            job, f"internal error while writing results ({type(exc).__name__}: "
-                                 f"{exc})")
-                results.append(slot)
-            for folder in {(self.outbox / p).parent for r in results for p in r.pictures.values()}:
-                fsync_dir(folder)
+        """Commit finished batches (all but ``keep``): rows first, then move the files.
+
+        A storage fault while writing pictures leaves the batch in the pipeline; one while
+        committing leaves it in ``_uncommitted``: either way :meth:`_roll_back_in_flight`
+        redoes it first once the fault is gone."""
+        finished = self.pipe.completed(keep)
+        while True:
             try:
+                item = next(finished, None)
+            except OSError as exc:          # the outbox's trouble: degraded, redo later
+                raise _placed(exc, self.outbox / PICTURES_DIR)
+            if item is None:
+                return
+            batch, results = item
+            try:
+                for folder in {(self.outbox / p).parent for r in results
+                               for p in r.pictures.values()}:
+                    fsync_dir(folder)
                 self.csv.append(results)  # THE COMMIT: one write + fsync (rolled back if it fails)
             except OSError as exc:
+                self._uncommitted = batch
                 raise _placed(exc, self.csv.path)
-            self.finishing.popleft()
             self._resumed_backoff = None   # a commit went through: the next fault starts at 1 s
-            self._finalize(batch, results, t0)
+            self._finalize(batch, results, self._started.pop(batch.batch_id, None))
 
     def _finalize(self, batch: ClaimedBatch, results: list[Result], t0: float | None) -> None:
         """After the commit: move the batch's files out, count, log. A storage fault while
@@ -530,7 +503,7 @@ class Daemon:
         for item, r in zip(batch.items, results):
             try:
                 where = self.spool.finalize(item, r.ok, r.error, deferred)
-            except FileNotFoundError as exc:
+            except FileNotFoundError:
                 if os.path.lexists(item.path):
                     raise
                 where = "(vanished from the processing area: the inbox was removed?)"
@@ -598,7 +571,7 @@ class Daemon:
             return where
 
     def _depth(self) -> int:
-        inflight = sum(len(b.items) for b, *_ in (*self.decoding, *self.finishing))
+        inflight = sum(len(b.items) for b in self.pipe.tags()) if self.pipe else 0
         return self.tracker.depth + inflight + sum(len(b.items) for b in self.pending)
 
     # -- recovery -----------------------------------------------------------------------------
@@ -683,21 +656,11 @@ class Daemon:
         ``pending``, first in line; their rows were not committed, so they are classified
         again under the same job ids once the fault is gone (a rolled-back CSV append left
         nothing behind; :meth:`_settle_claimed` checks the CSV anyway)."""
-        back: list[ClaimedBatch] = []
-        for batch, slots, _ in self.finishing:
-            for slot in slots:
-                if isinstance(slot, Future):
-                    try:
-                        slot.result()
-                    except Exception:   # noqa: BLE001 - the batch is redone anyway
-                        pass
-            back.append(batch)
-        for batch, futures in self.decoding:
-            for f in futures:
-                f.cancel()
-            back.append(batch)
-        self.finishing.clear()
-        self.decoding.clear()
+        back = [self._uncommitted] if self._uncommitted is not None else []
+        back += self.pipe.abandon()
+        self._uncommitted = None
+        for batch in back:
+            self._started.pop(batch.batch_id, None)
         self.pending.extendleft(reversed(back))
 
     def _degrade(self, reason: str) -> None:
@@ -902,8 +865,7 @@ class Daemon:
         if self.reload_requested and self._reload is None:
             self.reload_requested = False
             self._start_reload()
-        if (self._reload is not None and self._reload.done() and not self.decoding
-                and not self.finishing):
+        if self._reload is not None and self._reload.done() and not self.pipe.in_flight:
             self._finish_reload()
 
     def _start_reload(self) -> None:
@@ -961,6 +923,7 @@ class Daemon:
             return
         old_version = self.clf.meta.version
         self.clf, self.settings, self.wcfg = clf, settings, wcfg
+        self.pipe.classifier = clf
         self.batch_size = wcfg.effective_batch_size(settings)
         t = self.tracker
         t.settle_s, t.max_wait_s, t.batch_size = (wcfg.settle_ms / 1000, wcfg.max_wait_ms / 1000,
@@ -1029,13 +992,12 @@ class Daemon:
                           "start", describe_os_error(exc))
             except Exception:
                 log.exception("could not commit the batch in hand; it is redone at the next start")
-            for batch, futures in self.decoding:
-                for f in futures:
-                    f.cancel()
-            if self.pool is not None:
-                self.pool.shutdown(wait=True)
-            while self.decoding:       # claimed, not yet on the model: back to the inbox
-                self.spool.unclaim(self.decoding.popleft()[0])
+            if self.pipe is not None:
+                never_ran = self.pipe.waiting_tags()
+                self.pipe.abandon()    # a batch whose commit failed stays claimed: next start
+                self.pipe.close(cancel=True)
+                for batch in never_ran:  # claimed, not yet on the model: back to the inbox
+                    self.spool.unclaim(batch)
         finally:
             if self.observer is not None:
                 self.observer.join(timeout=2)
