@@ -45,7 +45,17 @@ def slow_write(path: Path, data: bytes, chunks: int = 8, pause: float = 0.3) -> 
 
 
 def check_outcome(rows: list[dict], outbox: Path, expected: set[str]) -> Counter:
-    """Exactly one row per expected input; pictures for ok rows; inputs in processed/failed."""
+    """Exactly one row per expected input; pictures for ok rows; inputs in processed/failed.
+
+    The daemon commits a batch's rows first and then moves its files out: give the moves of
+    the last batch a moment (a loaded machine) before looking for them."""
+    def moved(r: dict) -> bool:
+        return os.path.lexists(outbox / ("processed" if r["status"] == "ok" else "failed")
+                               / r["input_path"])
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not all(moved(r) for r in rows):
+        time.sleep(0.1)
     counts = Counter(r["input_path"] for r in rows)
     dupes = {k: v for k, v in counts.items() if v > 1}
     assert not dupes, f"duplicate rows: {dupes}"
