@@ -260,8 +260,9 @@ def check_int8(fp32: OrtRuntime, int8: OrtRuntime, data: ExportData, settings: S
     agreement = float((pred8 == pred32).mean())
     passed = acc8 >= acc32 - INT8_MAX_ACCURACY_DROP and agreement >= INT8_MIN_AGREEMENT
     result: dict[str, Any] = {}
-    if correlations:
-        result["map_correlation_mean"] = round(float(np.nanmean(correlations)), 4)
+    finite = [c for c in correlations if np.isfinite(c)]  # a constant map has no correlation
+    if finite:
+        result["map_correlation_mean"] = round(float(np.mean(finite)), 4)
     return result | {"images": int(len(y)), "fp32_accuracy": round(acc32, 5), "accuracy": round(acc8, 5),
             "agreement": round(agreement, 5), "logit_scale": round(scale, 5),
             "max_prob_diff": round(float(np.abs(p8 - p32).max()), 5),
