@@ -1,25 +1,33 @@
 """``pawcam train``: folder of labelled photos -> calibrated model + report, in a run folder.
 
-    result = train(settings, TrainOptions(data=Path("../shared/dataset")))
+    result = train(settings, TrainOptions(data=[Path("../shared/dataset"),
+                                                Path("../shared/dataset-extra")]))
     result.model_path      # runs/20261124-153000/model.keras (+ .json, .md, _report/)
     result.installed       # True when copied to [training] install_to
 
-Steps (each logged with its time):
+Steps (each logged with its time). Memory does not grow with the number of photos: images,
+activations and features live in record files under ``RUN/cache/`` (:mod:`training.cache`) and
+are streamed one batch at a time.
 
-1. **Pre-scan + decode cache.** ``DIR/train/<class>/`` and ``DIR/test/<class>/`` are listed;
-   every training file is decoded once with the engine's own decoder into a uint8 array
-   (unusable files are skipped and listed). A stratified, seeded validation split is carved
-   from train.
+1. **Pre-scan + decode cache.** ``DIR/train/<class>/`` of every data folder and the one
+   ``test/<class>/`` are listed (:func:`training.dataset.scan_sources`); every training file is
+   decoded once with the engine's own decoder into ``cache/images/`` (unusable files are
+   skipped and listed). A stratified, seeded validation split is carved from all of them.
 2. **Phase 1, head.** The backbone is frozen, so its pooled features are computed once for
-   every training image *and its horizontal flip* (the only augmentation in this phase) and
-   for the validation images; the dropout + Dense head is then trained on those features
+   every image *and its horizontal flip* (the only augmentation in this phase) into
+   ``cache/features/``; the dropout + Dense head is then trained on those features
    (seconds instead of minutes: one backbone pass instead of one per epoch). Same math as
    training the full model with a frozen backbone, because frozen BatchNorm runs in
-   inference mode either way.
+   inference mode either way. With ``fine_tune_cache`` the features are computed from the
+   cached activations of step 3 (only the top of the network runs again).
 3. **Phase 2, fine-tune.** Layers from ``fine_tune_from`` to the top are unfrozen (BatchNorm
-   stays frozen = inference mode) and trained end to end at a low learning rate on the full
-   augmentation pipeline (flip, rotation, zoom, contrast; tf.data over the uint8 cache, so
-   the saved graph holds no augmentation layer).
+   stays frozen = inference mode) and trained at a low learning rate (constant or cosine).
+   ``fine_tune_cache = true``: the output of the frozen layers below ``fine_tune_from`` is
+   computed once per image and per flipped training image into ``cache/activations/``
+   (float16), and each epoch trains ``keras.Model(cut, output)`` (the top, sharing the
+   model's layers) on one of the two versions of each image, picked at random. ``false``:
+   every epoch streams the cached images through the full augmentation pipeline (flip,
+   rotation, zoom, contrast in tf.data, so the saved graph holds no augmentation layer).
    Both phases: early stopping on validation loss, restoring the best weights (phase 2 starts
    from phase 1's best, which it must beat); a checkpoint each epoch (``checkpoints/last.keras``
    and ``best.keras``); one CSV row per epoch in ``log.csv``.
