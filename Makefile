@@ -38,8 +38,8 @@ bench-ray: setup      ## Ray run vs local run on the same photos (ratio quoted i
 soak: setup           ## chaos soak of the daemon (kills, full disk, removed inbox, SIGHUP); by hand
 	$(BIN)/python benchmarks/soak_watcher.py
 
-train: setup          ## retrain the shipped model on ../shared/dataset
-	$(BIN)/pawcam train --data ../shared/dataset
+train: setup          ## retrain the shipped model on ../shared/dataset + ../shared/dataset-extra
+	$(BIN)/pawcam train --data ../shared/dataset --data ../shared/dataset-extra
 
 export: setup         ## regenerate the shipped model's ONNX copies (fp32, int8) and their checks
 	$(BIN)/pawcam export --data ../shared/dataset

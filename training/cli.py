@@ -1,6 +1,7 @@
 """``pawcam train`` and ``pawcam evaluate`` subcommands (registered via entry points).
 
     pawcam train --data ../shared/dataset                 # settings from [training]
+    pawcam train --data ../shared/dataset --data ../shared/dataset-extra   # + train-only folder
     pawcam train --data DIR --install never --run-dir runs/try1
     pawcam evaluate --data ../shared/dataset              # DIR/test, or DIR/<class>/ directly
     pawcam evaluate --data photos/ --model runs/x/model.keras --out /tmp/report
@@ -22,12 +23,14 @@ log = logging.getLogger("pawcam.training")
 def register_train(subparsers, parent) -> None:
     p = subparsers.add_parser(
         "train", parents=[parent], help="train a model from a folder of labelled photos",
-        description="Transfer-learn MobileNetV2 on DIR/train/<class>/ (validation split carved "
-                    "from it), calibrate, evaluate on DIR/test/<class>/ and write the model, "
+        description="Transfer-learn MobileNetV2 on DIR/train/<class>/ of every --data DIR "
+                    "(validation split carved from them), calibrate, evaluate on DIR/test/<class>/ and write the model, "
                     "metadata, model card and plots into a run folder; settings in the "
                     "[training] section of config.toml.")
-    p.add_argument("--data", type=Path, required=True, metavar="DIR",
-                   help="dataset folder holding train/<class>/ and test/<class>/")
+    p.add_argument("--data", type=Path, required=True, metavar="DIR", action="append",
+                   help="dataset folder holding train/<class>/ and test/<class>/; repeat it to "
+                        "add folders of extra training data (DIR/train/<class>/ only, same "
+                        "classes); exactly one folder must hold test/")
     p.add_argument("--run-dir", type=Path, default=None, metavar="DIR",
                    help="run folder (default: [training] output_dir/<date-time>)")
     p.add_argument("--install", choices=INSTALL_POLICIES, default=None,

@@ -17,6 +17,7 @@ from engine.config import Settings, build_section
 from engine.errors import ConfigError
 
 INSTALL_POLICIES = ("if_better", "always", "never")
+SCHEDULES = ("constant", "cosine")
 
 
 def _check(ok: bool, where: str, key: str, message: str) -> None:
@@ -48,6 +49,10 @@ class TrainingSettings:
     fine_tune_learning_rate: float = 1e-5
     fine_tune_from: str = "block_13_expand"
     fine_tune_patience: int = 2
+    #: "constant" or "cosine" (decays to 0 over fine_tune_epochs)
+    fine_tune_schedule: str = "constant"
+    #: train phase 2 on cached activations of the frozen layers (flip-only augmentation)
+    fine_tune_cache: bool = False
     # -- augmentation (phase 2; phase 1 uses horizontal flips only) ----------------------
     flip: bool = True
     rotation: float = 0.03
@@ -60,6 +65,8 @@ class TrainingSettings:
     output_dir: Path = Path("runs")
     install_to: Path = Path("models/cat_dog_model.keras")
     install: str = "if_better"
+    #: keep the run folder's cache/ (decoded images, activations) after a successful run
+    keep_cache: bool = False
 
     def validate(self, where: str) -> None:
         _check(32 <= self.image_size <= 1024, where, "image_size", "must be between 32 and 1024")
@@ -84,6 +91,8 @@ class TrainingSettings:
         _check(0.0 <= self.zoom < 1.0, where, "zoom", "must be in [0, 1)")
         _check(0.0 <= self.contrast < 1.0, where, "contrast", "must be in [0, 1)")
         _check(0 <= self.gallery_size <= 200, where, "gallery_size", "must be between 0 and 200")
+        _check(self.fine_tune_schedule in SCHEDULES, where, "fine_tune_schedule",
+               f"must be one of {list(SCHEDULES)}")
         _check(self.install in INSTALL_POLICIES, where, "install",
                f"must be one of {list(INSTALL_POLICIES)}")
         _check(self.install_to.suffix == ".keras", where, "install_to", "must end in .keras")

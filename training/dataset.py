@@ -1,8 +1,10 @@
-"""Folder dataset -> decoded uint8 arrays, with a pre-scan that skips unusable files.
+"""Training data: folders -> file lists with labels -> a decoded-image cache on disk.
 
-    layout = scan_split(Path("data/train"))          # class names = sorted sub-folders
-    images, labels, skipped = decode_all(layout.files, layout.labels, input_size=(224, 224),
-                                         decode=settings.decode, threads=2)
+    data = scan_sources([Path("../shared/dataset"), Path("../shared/dataset-extra")])
+    data.class_names, len(data.files), data.test_dir      # every root's train/, one test/
+    images = decode_to_cache(data.files, data.stamps, run / "cache" / "images",
+                             input_size=(224, 224), decode=settings.decode, threads=2)
+    images.reader.read([0, 5])                            # (2, 224, 224, 3) uint8 from disk
     train_idx, val_idx = stratified_split(labels, fraction=0.1, seed=1337)
 
 Decoding and resizing go through :func:`engine.decode.load_model_input`, the exact code the
@@ -10,25 +12,38 @@ engine serves with, so training sees the pixels serving sees (no train/serve ske
 fail (empty, truncated, not an image, too large) raise :class:`engine.errors.ImageError`; they
 are skipped and listed with the engine's error code and message.
 
-The decoded images are kept in one uint8 array (2,000 photos at 224x224 are ~300 MB), so every
-epoch after the pre-scan reads memory instead of decoding JPEGs again.
+The decoded images go to a raw uint8 file in the run folder (:mod:`training.cache`), written
+chunk by chunk and read back batch by batch, so every epoch reads the cache instead of
+decoding JPEGs again and memory does not grow with the number of photos.
+
+**Symbolic links.** A training set is the user's own choice, often assembled with links to
+photos kept elsewhere, so inside the data folders named with ``--data`` links are followed:
+links to files are read (wherever they point), links to folders are walked (each real folder
+once). A file reached twice is used once; a training file that is also a test photo is left
+out of training. The daemon's inbox and the served path never follow links.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from engine.config import DecodeSettings
 from engine.decode import load_model_input
 from engine.errors import ConfigError, ImageError
+from training import cache
 
 log = logging.getLogger(__name__)
+
+#: bump when the cache file layout changes (old caches are then rebuilt)
+CACHE_FORMAT = 1
 
 
 @dataclass
@@ -90,8 +105,7 @@ def scan_split(root: Path, class_names: Sequence[str] | None = None) -> SplitLay
                           "for low-confidence results; rename it")
     layout = SplitLayout(root=root, class_names=names)
     for label, name in enumerate(names):
-        files = sorted(p for p in (root / name).rglob("*")
-                       if (p.is_file() or p.is_symlink()) and _is_candidate(p))
+        files = walk_files(root / name)
         if not files:
             raise ConfigError(f"{root / name}: no files; every class folder needs images")
         layout.files.extend(files)
@@ -99,48 +113,225 @@ def scan_split(root: Path, class_names: Sequence[str] | None = None) -> SplitLay
     return layout
 
 
-def decode_all(files: Sequence[Path], labels: Sequence[int], *, input_size: tuple[int, int],
-               decode: DecodeSettings, threads: int = 2, root: Path | None = None,
-               ) -> tuple[np.ndarray, np.ndarray, list[Skipped]]:
-    """Decode every file once into ``(N, H, W, 3) uint8``; unusable files are skipped.
+def walk_files(folder: Path) -> list[Path]:
+    """Every candidate file under ``folder``, sorted; symbolic links are followed.
 
-    Returns the kept images, their labels (int64) and the skipped files in input order.
+    Links to folders are walked like folders (each real folder once, so a link loop ends),
+    links to files are listed like files (a broken link is listed too and then reported by
+    the decoder). Hidden files and folders are left out.
+    """
+    out: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    stack = [Path(folder)]
+    while stack:
+        d = stack.pop()
+        try:
+            st = d.stat()
+            entries = list(os.scandir(d))
+        except OSError as exc:
+            log.warning("cannot list %s: %s", d, exc.strerror or exc)
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir(follow_symlinks=True)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                stack.append(Path(entry.path))
+            elif _is_candidate(Path(entry.name)):
+                out.append(Path(entry.path))
+    return sorted(out)
+
+
+@dataclass
+class SourceInfo:
+    """One data folder the user named, with what it contributed (for the model card)."""
+    root: Path
+    train_counts: dict[str, int]
+    test_counts: dict[str, int] | None = None
+    skipped: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"root": str(self.root), "train_files": self.train_counts,
+                "test_files": self.test_counts, "skipped": self.skipped}
+
+
+@dataclass
+class TrainingData:
+    """The training files of every source (in source order) and the one test folder."""
+    class_names: tuple[str, ...]
+    files: list[Path]
+    labels: np.ndarray            # int64, per file
+    origin: np.ndarray            # int32, index into ``sources`` per file
+    stamps: list[tuple[int, int]]  # (size, mtime_ns) per file, for the cache key
+    test_dir: Path
+    test_layout: SplitLayout
+    sources: list[SourceInfo]
+    skipped: list[Skipped]        # duplicates found while listing
+
+
+def scan_sources(roots: Sequence[Path]) -> TrainingData:
+    """List ``ROOT/train/<class>/`` of every root and the ``test/`` split of the one that has it.
+
+    Raises ConfigError when a root lacks ``train/``, when the class folders differ between
+    roots, or when not exactly one root holds ``test/``. A photo reached twice (two links to
+    the same file, or a training photo that is also a test photo) is used once: a duplicate in
+    training is skipped and listed, and a training photo that is a test photo is dropped from
+    training (no leak of test photos into training).
+    """
+    roots = [Path(r).resolve() for r in roots]
+    if not roots:
+        raise ConfigError("no data folder given; pass --data DIR (repeatable)")
+    for r in roots:
+        if not (r / "train").is_dir():
+            raise ConfigError(f"{r}: no train/ folder; every --data DIR needs DIR/train/<class>/ "
+                              "(and one of them DIR/test/<class>/)")
+    with_test = [r for r in roots if (r / "test").is_dir()]
+    if not with_test:
+        raise ConfigError(f"no test/ folder in {', '.join(str(r) for r in roots)}; put held-out "
+                          "photos in DIR/test/<class>/ (same class folders as train/) so the "
+                          "model can be evaluated")
+    if len(with_test) > 1:
+        raise ConfigError(f"several data folders hold a test/ split ({', '.join(map(str, with_test))}); "
+                          "pawcam evaluates on one test folder: merge them, or keep test/ in one "
+                          "folder only")
+    names: tuple[str, ...] | None = None
+    layouts = []
+    for r in roots:
+        layout = scan_split(r / "train", names)
+        if names is None:
+            names = layout.class_names
+        layouts.append(layout)
+    assert names is not None
+    test_dir = with_test[0] / "test"
+    test_layout = scan_split(test_dir, names)
+    seen: dict[tuple[int, int], str] = {}
+    for f in test_layout.files:
+        try:
+            st = f.stat()
+            seen[(st.st_dev, st.st_ino)] = f"the test photo {_display(f, test_dir.parent.parent)}"
+        except OSError:
+            pass
+    files: list[Path] = []
+    labels: list[int] = []
+    origin: list[int] = []
+    stamps: list[tuple[int, int]] = []
+    skipped: list[Skipped] = []
+    sources: list[SourceInfo] = []
+    for k, (r, layout) in enumerate(zip(roots, layouts)):
+        info = SourceInfo(r, layout.counts(),
+                          test_layout.counts() if r == with_test[0] else None)
+        for f, label in zip(layout.files, layout.labels):
+            display = _display(f, r.parent)
+            try:
+                st = f.stat()
+            except OSError:
+                st = None  # broken link or vanished: the decoder reports it
+            if st is not None:
+                ident = (st.st_dev, st.st_ino)
+                if ident in seen:
+                    skipped.append(Skipped(display, "duplicate",
+                                           f"same file as {seen[ident]} (reached twice, e.g. "
+                                           "through symbolic links); used once"))
+                    info.skipped += 1
+                    continue
+                seen[ident] = display
+            files.append(f)
+            labels.append(label)
+            origin.append(k)
+            stamps.append((st.st_size, st.st_mtime_ns) if st is not None else (-1, -1))
+        sources.append(info)
+    return TrainingData(names, files, np.asarray(labels, np.int64), np.asarray(origin, np.int32),
+                        stamps, test_dir, test_layout, sources, skipped)
+
+
+def cache_key(files: Sequence[Path], stamps: Sequence[tuple[int, int]],
+              input_size: tuple[int, int], decode: DecodeSettings) -> str:
+    """What a decoded-image cache depends on: the files (path, size, mtime) and decoding."""
+    h = hashlib.sha256()
+    h.update(repr((CACHE_FORMAT, tuple(input_size), dataclasses.astuple(decode))).encode())
+    for f, (size, mtime) in zip(files, stamps):
+        h.update(f"{f}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+@dataclass
+class ImageCache:
+    """Decoded uint8 model inputs on disk: ``reader.read(i)`` is the i-th *kept* image."""
+    folder: Path
+    reader: cache.RecordReader
+    kept: np.ndarray              # positions in the scanned file list
+    skipped: list[Skipped]
+    reused: bool
+    key: str
+
+
+def decode_to_cache(files: Sequence[Path], stamps: Sequence[tuple[int, int]], folder: Path, *,
+                    input_size: tuple[int, int], decode: DecodeSettings, threads: int = 2,
+                    display: Sequence[str] | None = None, chunk: int = 256) -> ImageCache:
+    """Decode every file once (the engine's decoder) into ``folder/images.u8``, chunk by chunk.
+
+    Memory: one chunk of decoded images, whatever the number of files. A finished cache with
+    the same key (same files, sizes, mtimes, input size, decode settings) is reused; anything
+    else (no cache, a partial one, another key) is rebuilt from scratch. Symbolic links are
+    followed: the files are the user's own training set (the daemon's inbox never follows).
     """
     h, w = input_size
-    out = np.empty((len(files), h, w, 3), dtype=np.uint8)
-    ok = np.zeros(len(files), dtype=bool)
+    key = cache_key(files, stamps, input_size, decode)
+    index = cache.open_complete(folder, key)
+    if index is not None:
+        log.info("reusing the decoded-image cache %s (%d images)", folder, index["count"])
+        reader = cache.RecordReader(folder / "images.u8", (h, w, 3), np.uint8)
+        return ImageCache(folder, reader, np.asarray(index["kept"], np.int64),
+                          [Skipped(**s) for s in index["skipped"]], True, key)
+    tmp = cache.start_build(folder)
+    names = list(display) if display is not None else [str(f) for f in files]
+    kept: list[int] = []
     skipped: list[Skipped] = []
 
-    def one(i: int) -> Skipped | None:
+    def one(i: int) -> np.ndarray | Skipped:
         try:
-            out[i] = load_model_input(files[i], input_size=input_size,
-                                      max_pixels=decode.max_image_pixels,
-                                      max_bytes=decode.max_file_bytes,
-                                      reduced_jpeg=decode.reduced_jpeg,
-                                      reduced_jpeg_min_side=decode.reduced_jpeg_min_side)
-            ok[i] = True
-            return None
+            return load_model_input(files[i], input_size=input_size,
+                                    max_pixels=decode.max_image_pixels,
+                                    max_bytes=decode.max_file_bytes,
+                                    reduced_jpeg=decode.reduced_jpeg,
+                                    reduced_jpeg_min_side=decode.reduced_jpeg_min_side,
+                                    follow_symlinks=True)
         except ImageError as exc:
-            return Skipped(_display(files[i], root), exc.code, str(exc))
+            return Skipped(names[i], exc.code, str(exc))
         except Exception as exc:  # a decoder bug on a hostile file must not end training
-            return Skipped(_display(files[i], root), "image_error",
+            return Skipped(names[i], "image_error",
                            f"unexpected decoder failure ({type(exc).__name__}: {exc})")
 
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for i, result in enumerate(pool.map(one, range(len(files)))):
-            if result is not None:
-                skipped.append(result)
-                log.warning("skipping %s: %s (%s)", result.path, result.message, result.code)
-            if (i + 1) % 500 == 0:
-                log.info("decoded %d/%d images", i + 1, len(files))
-    keep = np.flatnonzero(ok)
-    if len(keep) == len(files):
-        images = out
-    else:
-        images = out[keep]
-        del out
-    return images, np.asarray(labels, dtype=np.int64)[keep], skipped
-
+    try:
+        with cache.RecordWriter(tmp / "images.u8", (h, w, 3), np.uint8) as writer, \
+                ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            for s in range(0, len(files), chunk):
+                done = list(pool.map(one, range(s, min(len(files), s + chunk))))
+                good = []
+                for i, r in enumerate(done, start=s):
+                    if isinstance(r, Skipped):
+                        skipped.append(r)
+                        log.warning("skipping %s: %s (%s)", r.path, r.message, r.code)
+                    else:
+                        good.append(r)
+                        kept.append(i)
+                if good:
+                    writer.append(np.stack(good))
+                if (s // chunk + 1) % max(1, 2048 // chunk) == 0:
+                    log.info("decoded %d/%d images", min(len(files), s + chunk), len(files))
+        cache.finish_build(folder, {"key": key, "count": len(kept), "shape": [h, w, 3],
+                                    "kept": kept, "skipped": [x.as_dict() for x in skipped]})
+    except BaseException:
+        cache.abandon_build(folder)
+        raise
+    reader = cache.RecordReader(folder / "images.u8", (h, w, 3), np.uint8)
+    return ImageCache(folder, reader, np.asarray(kept, np.int64), skipped, False, key)
 
 def _display(path: Path, root: Path | None) -> str:
     if root is not None:

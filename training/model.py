@@ -114,6 +114,18 @@ def set_backbone_trainable(model: Any, trainable: bool, from_layer: str = "") ->
     return count
 
 
+def cut_tensor(model: Any, layer_name: str) -> Any:
+    """The tensor entering ``layer_name``: everything below it is frozen in phase 2, so its
+    value per image can be cached and the top trained alone (``keras.Model(cut, output)``).
+    Valid for ``block_N_expand`` and ``Conv_1``: the only tensor that crosses that boundary."""
+    names = [layer.name for layer in backbone_layers(model)]
+    if layer_name not in names or not (layer_name.endswith("_expand") or layer_name == "Conv_1"):
+        raise ConfigError(f"[training] fine_tune_from = {layer_name!r}: with fine_tune_cache "
+                          "the first fine-tuned layer must be a block_N_expand layer or "
+                          "'Conv_1' (where one tensor enters the top of the network)")
+    return model.get_layer(layer_name).input
+
+
 def feature_model(model: Any) -> Any:
     """Image -> pooled backbone features (inference mode), sharing the model's layers."""
     import keras

@@ -185,6 +185,12 @@ def _pct(x: Any) -> str:
     return "n/a" if x is None else f"{100 * float(x):.2f}%"
 
 
+def _counts(c: dict[str, int] | None) -> str:
+    if not c:
+        return "-"
+    return f"{sum(c.values()):,} (" + ", ".join(f"{k} {v:,}" for k, v in c.items()) + ")"
+
+
 def render_card(model_path: Path, meta: ModelMeta, data: dict[str, Any],
                 plots: dict[str, str]) -> str:
     m = data["metrics"]
@@ -260,8 +266,25 @@ def render_card(model_path: Path, meta: ModelMeta, data: dict[str, Any],
     else:
         data_info = ex.get("data", {})
         t = ex.get("timing", {})
+        sources = data_info.get("sources") or []
+        if sources:
+            lines += ["Data sources (`--data`, in order; photos found / used after the pre-scan):",
+                      "", "| folder | train/ files | used for training + validation | "
+                      "skipped | test/ files |", "|---|---|---|---|---|"]
+            for s in sources:
+                lines.append(f"| `{_short(s['root'])}` | {_counts(s.get('train_files'))} | "
+                             f"{_counts(s.get('used'))} | {s.get('skipped', 0)} | "
+                             f"{_counts(s.get('test_files')) if s.get('test_files') else '-'} |")
+            lines.append("")
+        t_parts = ", ".join(f"{label} {t[key]:.0f} s" for key, label in (
+            ("decode_seconds", "decode"), ("activation_seconds", "activations"),
+            ("feature_seconds", "features"), ("head_seconds", "head"),
+            ("fine_tune_seconds", "fine-tune"), ("calibration_seconds", "calibration"))
+            if key in t)
         lines += [
-            f"- data: `{_short(data_info.get('root', '?'))}`; train {data_info.get('train_counts')}, "
+            f"- data: " + (", ".join(f"`{_short(x['root'])}`" for x in sources) if sources
+                           else f"`{_short(data_info.get('root', '?'))}`")
+            + f"; train {data_info.get('train_counts')}, "
             f"validation {data_info.get('val_counts')} (stratified {data_info.get('validation_fraction')} "
             f"of train, seed {ex.get('seed')}), test {data_info.get('test_counts')}",
             f"- skipped by the pre-scan: {len(ex.get('skipped', []))} file(s)"
@@ -269,9 +292,7 @@ def render_card(model_path: Path, meta: ModelMeta, data: dict[str, Any],
                 f"`{s['path']}` ({s['code']})" for s in ex["skipped"][:20])),
             f"- backbone weights: `{_short(str(ex.get('backbone_weights')))}`",
             f"- training wall-clock time: **{t.get('train_seconds', 0) / 60:.1f} min** "
-            f"(decode {t.get('decode_seconds', 0):.0f} s, features {t.get('feature_seconds', 0):.0f} s, "
-            f"head {t.get('head_seconds', 0):.0f} s, fine-tune {t.get('fine_tune_seconds', 0):.0f} s, "
-            f"calibration {t.get('calibration_seconds', 0):.0f} s) on {ex.get('machine', '?')}; "
+            f"({t_parts}) on {ex.get('machine', '?')}; "
             "evaluation not included",
             f"- calibration: T = {meta.temperature:.4f} fitted on "
             f"{ex.get('calibration', {}).get('images', '?')} images "

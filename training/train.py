@@ -1,25 +1,33 @@
 """``pawcam train``: folder of labelled photos -> calibrated model + report, in a run folder.
 
-    result = train(settings, TrainOptions(data=Path("../shared/dataset")))
+    result = train(settings, TrainOptions(data=[Path("../shared/dataset"),
+                                                Path("../shared/dataset-extra")]))
     result.model_path      # runs/20261124-153000/model.keras (+ .json, .md, _report/)
     result.installed       # True when copied to [training] install_to
 
-Steps (each logged with its time):
+Steps (each logged with its time). Memory does not grow with the number of photos: images,
+activations and features live in record files under ``RUN/cache/`` (:mod:`training.cache`) and
+are streamed one batch at a time.
 
-1. **Pre-scan + decode cache.** ``DIR/train/<class>/`` and ``DIR/test/<class>/`` are listed;
-   every training file is decoded once with the engine's own decoder into a uint8 array
-   (unusable files are skipped and listed). A stratified, seeded validation split is carved
-   from train.
+1. **Pre-scan + decode cache.** ``DIR/train/<class>/`` of every data folder and the one
+   ``test/<class>/`` are listed (:func:`training.dataset.scan_sources`); every training file is
+   decoded once with the engine's own decoder into ``cache/images/`` (unusable files are
+   skipped and listed). A stratified, seeded validation split is carved from all of them.
 2. **Phase 1, head.** The backbone is frozen, so its pooled features are computed once for
-   every training image *and its horizontal flip* (the only augmentation in this phase) and
-   for the validation images; the dropout + Dense head is then trained on those features
+   every image *and its horizontal flip* (the only augmentation in this phase) into
+   ``cache/features/``; the dropout + Dense head is then trained on those features
    (seconds instead of minutes: one backbone pass instead of one per epoch). Same math as
    training the full model with a frozen backbone, because frozen BatchNorm runs in
-   inference mode either way.
+   inference mode either way. With ``fine_tune_cache`` the features are computed from the
+   cached activations of step 3 (only the top of the network runs again).
 3. **Phase 2, fine-tune.** Layers from ``fine_tune_from`` to the top are unfrozen (BatchNorm
-   stays frozen = inference mode) and trained end to end at a low learning rate on the full
-   augmentation pipeline (flip, rotation, zoom, contrast; tf.data over the uint8 cache, so
-   the saved graph holds no augmentation layer).
+   stays frozen = inference mode) and trained at a low learning rate (constant or cosine).
+   ``fine_tune_cache = true``: the output of the frozen layers below ``fine_tune_from`` is
+   computed once per image and per flipped training image into ``cache/activations/``
+   (float16), and each epoch trains ``keras.Model(cut, output)`` (the top, sharing the
+   model's layers) on one of the two versions of each image, picked at random. ``false``:
+   every epoch streams the cached images through the full augmentation pipeline (flip,
+   rotation, zoom, contrast in tf.data, so the saved graph holds no augmentation layer).
    Both phases: early stopping on validation loss, restoring the best weights (phase 2 starts
    from phase 1's best, which it must beat); a checkpoint each epoch (``checkpoints/last.keras``
    and ``best.keras``); one CSV row per epoch in ``log.csv``.
@@ -57,16 +65,17 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from engine.config import Settings
 from engine.errors import ConfigError, ModelLoadError
 from engine.modelio import ModelMeta, load_model, meta_path_for, save_model
-from training import calibration, model as model_lib
+from training import cache, calibration, model as model_lib
+from training.cache import RecordReader, RecordWriter
 from training.config import TrainingSettings, training_settings
-from training.dataset import Skipped, decode_all, scan_split, stratified_split
+from training.dataset import decode_to_cache, scan_sources, stratified_split
 from training.evaluate import Evaluation, evaluate_folder
 from training.report import card_path_for, report_dir_for, write_report
 
@@ -78,7 +87,7 @@ LOG_COLUMNS = ("phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy",
 
 @dataclass
 class TrainOptions:
-    data: Path
+    data: Path | Sequence[Path]          # one data folder or several (see scan_sources)
     run_dir: Path | None = None
     install: str | None = None          # overrides [training] install
 
@@ -188,24 +197,54 @@ def _targets(labels: np.ndarray, binary: bool) -> np.ndarray:
     return labels.astype(np.float32)[:, None] if binary else labels.astype(np.int64)
 
 
-def compute_features(fm: Any, images: np.ndarray, batch_size: int, flip: bool = False,
-                     what: str = "") -> np.ndarray:
-    """Pooled backbone features (N, C) in inference mode, batch by batch from uint8."""
+def _predictor(fn: Any):
+    """``fn`` as a compiled inference step on float32 input (uint8 images are cast)."""
     import tensorflow as tf
 
-    step = tf.function(lambda x: fm(x, training=False), reduce_retracing=True)
-    out = []
-    t0 = time.perf_counter()
-    last = t0
-    for s in range(0, len(images), batch_size):
-        batch = images[s:s + batch_size]
-        if flip:
-            batch = batch[:, :, ::-1]
-        out.append(np.asarray(step(tf.constant(batch.astype(np.float32)))))
-        if time.perf_counter() - last > 30:
-            last = time.perf_counter()
-            log.info("features%s: %d/%d images", what, s + len(batch), len(images))
-    return np.concatenate(out).astype(np.float32)
+    step = tf.function(lambda x: fn(x, training=False), reduce_retracing=True)
+    return lambda x: np.asarray(step(tf.constant(np.asarray(x, np.float32))))
+
+
+def map_to_file(fn: Any, reader: RecordReader, indices: np.ndarray, path: Path,
+                dtype: Any = np.float32, flip: bool = False, batch_size: int = 64,
+                what: str = "") -> RecordReader:
+    """``fn`` over ``reader``'s records at ``indices`` (in that order) -> a record file.
+
+    Record ``j`` of the result belongs to ``indices[j]``. ``flip`` mirrors images (axis 2)
+    first. Memory: one batch in, one batch out.
+    """
+    predict = _predictor(fn)
+    t0 = last = time.perf_counter()
+    writer: RecordWriter | None = None
+    try:
+        for s in range(0, len(indices), batch_size):
+            x = reader.read(indices[s:s + batch_size])
+            if flip:
+                x = x[:, :, ::-1]
+            y = predict(x)
+            if writer is None:
+                writer = RecordWriter(path, y.shape[1:], dtype)
+            writer.append(y)
+            if time.perf_counter() - last > 30:
+                last = time.perf_counter()
+                log.info("%s: %d/%d (%.0f/s)", what or path.name, s + len(x), len(indices),
+                         (s + len(x)) / (last - t0))
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        raise ConfigError(f"nothing to compute for {path.name}: no images")
+    return RecordReader(path, writer.shape, dtype)
+
+
+def logits_from(fn: Any, reader: RecordReader, indices: np.ndarray, kernel: np.ndarray,
+                bias: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Classifier logits (N, units) of ``reader``'s records at ``indices``, batch by batch;
+    ``fn`` maps a record batch to pooled features (None: the records are features)."""
+    predict = _predictor(fn) if fn is not None else (lambda x: np.asarray(x))
+    out = [predict(reader.read(indices[s:s + batch_size])).astype(np.float64) @ kernel + bias
+           for s in range(0, len(indices), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, len(bias)))
 
 
 def augmenter(cfg: TrainingSettings, seed: int):
@@ -223,24 +262,19 @@ def augmenter(cfg: TrainingSettings, seed: int):
     return keras.Sequential(layers, name="augment") if layers else None
 
 
-def train_pipeline(images: np.ndarray, targets: np.ndarray, cfg: TrainingSettings, seed: int):
-    """Shuffled (seeded, new order each epoch), batched, augmented tf.data from the uint8 cache."""
+def image_pipeline(reader: RecordReader, indices: np.ndarray, targets: np.ndarray,
+                   cfg: TrainingSettings, seed: int | None, augment: bool,
+                   repeat: bool | None = None):
+    """Batches of cached images as float32 (augmented when training), streamed from disk.
+
+    ``seed`` None: fixed order (evaluation); otherwise a new seeded order each epoch.
+    Endless unless ``repeat`` is False (default: endless when seeded); give ``fit`` the
+    ``steps_per_epoch`` / ``validation_steps``."""
     import tensorflow as tf
 
-    rng = np.random.default_rng(seed)
-    n, bs = len(images), cfg.batch_size
-
-    def batches():
-        order = rng.permutation(n)
-        for s in range(0, n, bs):
-            idx = np.sort(order[s:s + bs])
-            yield images[idx], targets[idx]
-
-    h, w = images.shape[1:3]
-    spec = (tf.TensorSpec((None, h, w, 3), tf.uint8),
-            tf.TensorSpec((None,) + targets.shape[1:], tf.as_dtype(targets.dtype)))
-    ds = tf.data.Dataset.from_generator(batches, output_signature=spec)
-    aug = augmenter(cfg, seed)
+    ds = cache.stream([(reader, indices)], targets, cfg.batch_size, seed,
+                      repeat=seed is not None if repeat is None else repeat)
+    aug = augmenter(cfg, seed or 0) if augment else None
 
     def prepare(x, y):
         x = tf.cast(x, tf.float32)
@@ -248,26 +282,31 @@ def train_pipeline(images: np.ndarray, targets: np.ndarray, cfg: TrainingSetting
             x = tf.clip_by_value(aug(x, training=True), 0.0, 255.0)
         return x, y
 
-    # repeat(): each pass of the generator is one epoch in a fresh seeded order; fit() gets
-    # steps_per_epoch so an epoch is exactly one pass.
-    return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).repeat().prefetch(2)
-
-
-def eval_pipeline(images: np.ndarray, targets: np.ndarray, batch_size: int):
-    import tensorflow as tf
-
-    ds = tf.data.Dataset.from_tensor_slices((images, targets)).batch(batch_size)
-    return ds.map(lambda x, y: (tf.cast(x, tf.float32), y)).prefetch(2)
+    return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
 
 
 CALIBRATION_FOLDS = 5
 PRIOR_SIGMA = 1.0
 
 
-def cross_fitted_logits(f_orig: np.ndarray, f_flip: np.ndarray | None, labels: np.ndarray,
-                        cfg: TrainingSettings, epochs: int, num_classes: int,
-                        folds: int = CALIBRATION_FOLDS) -> np.ndarray:
-    """Out-of-fold logits of the phase-1 recipe (fresh head per fold, ``epochs`` epochs)."""
+def _new_head(feature_dim: int, units: int, cfg: TrainingSettings) -> Any:
+    import keras
+
+    return keras.Sequential([
+        keras.Input((feature_dim,)),
+        keras.layers.Dropout(cfg.dropout),
+        keras.layers.Dense(units, activation="sigmoid" if units == 1 else "softmax")])
+
+
+def cross_fitted_logits(f_orig: RecordReader, f_flip: RecordReader | None, train_idx: np.ndarray,
+                        labels: np.ndarray, cfg: TrainingSettings, epochs: int,
+                        num_classes: int, folds: int = CALIBRATION_FOLDS) -> np.ndarray:
+    """Out-of-fold logits of the phase-1 recipe (fresh head per fold, ``epochs`` epochs).
+
+    ``f_orig`` holds the features of every image (record = image index), ``f_flip`` those of
+    the flipped training images (record j = ``train_idx[j]``); ``labels`` are the training
+    labels (aligned with ``train_idx``). Features stream from disk.
+    """
     import keras
 
     binary = num_classes == 2
@@ -279,28 +318,37 @@ def cross_fitted_logits(f_orig: np.ndarray, f_flip: np.ndarray | None, labels: n
     out = np.zeros((len(labels), 1 if binary else num_classes), np.float64)
     for k in range(folds):
         keras.utils.set_random_seed(cfg.seed + 1000 + k)
-        tr, te = fold != k, fold == k
-        x = f_orig[tr] if f_flip is None else np.concatenate([f_orig[tr], f_flip[tr]])
-        y = labels[tr] if f_flip is None else np.concatenate([labels[tr], labels[tr]])
-        head = keras.Sequential([
-            keras.Input((f_orig.shape[1],)),
-            keras.layers.Dropout(cfg.dropout),
-            keras.layers.Dense(out.shape[1], activation="sigmoid" if binary else "softmax")])
-        loss, metric = _loss_and_metric(binary)
+        tr, te = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
+        sources = [(f_orig, train_idx[tr])] + ([(f_flip, tr)] if f_flip is not None else [])
+        y = np.concatenate([labels[tr]] * len(sources))
+        head = _new_head(f_orig.shape[0], out.shape[1], cfg)
+        loss, _ = _loss_and_metric(binary)
         head.compile(optimizer=keras.optimizers.Adam(cfg.head_learning_rate), loss=loss)
-        head.fit(x, _targets(y, binary), batch_size=cfg.batch_size, epochs=max(1, epochs),
-                 shuffle=True, verbose=0)
+        head.fit(cache.stream(sources, _targets(y, binary), cfg.batch_size, cfg.seed + k),
+                 steps_per_epoch=cache.steps(sources, cfg.batch_size), epochs=max(1, epochs),
+                 shuffle=False, verbose=0)
         kernel, bias = head.layers[-1].get_weights()
-        out[te] = f_orig[te].astype(np.float64) @ kernel + bias
+        out[te] = logits_from(None, f_orig, train_idx[te], np.asarray(kernel, np.float64),
+                              np.asarray(bias, np.float64), 1024)
     return out
 
 
-def logits_of(model: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Pre-activation outputs of the classifier (N, units), in inference mode."""
-    feats = compute_features(model_lib.feature_model(model), images, batch_size)
-    kernel, bias = model_lib.classifier_weights(model)
-    return feats.astype(np.float64) @ kernel + bias
+def _optimizer(cfg: TrainingSettings, total_steps: int) -> Any:
+    import keras
 
+    lr: Any = cfg.fine_tune_learning_rate
+    if cfg.fine_tune_schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, total_steps))
+    return keras.optimizers.Adam(lr)
+
+
+def _weights_stamp(weights: str | None, seed: int) -> str:
+    if weights is None:
+        return f"random:{seed}"
+    if weights == "imagenet":
+        return "imagenet"
+    st = os.stat(weights)
+    return f"{weights}:{st.st_size}:{st.st_mtime_ns}"
 
 def _versions() -> dict[str, str]:
     import keras
@@ -334,6 +382,10 @@ def _settings_dict(cfg: TrainingSettings, base_dir: Path) -> dict[str, Any]:
     return out
 
 
+def _roots(data: Path | Sequence[Path]) -> list[Path]:
+    return [Path(data)] if isinstance(data, (str, os.PathLike)) else [Path(d) for d in data]
+
+
 def train(settings: Settings, options: TrainOptions) -> TrainResult:
     import keras
 
@@ -342,13 +394,9 @@ def train(settings: Settings, options: TrainOptions) -> TrainResult:
 
     cfg = training_settings(settings)
     install_policy = options.install or cfg.install
-    data = Path(options.data).resolve()
-    if not (data / "train").is_dir():
-        raise ConfigError(f"{data}: no train/ folder; `pawcam train --data DIR` expects "
-                          "DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg")
-    if not (data / "test").is_dir():
-        raise ConfigError(f"{data}: no test/ folder; put held-out photos in DIR/test/<class>/ "
-                          "(same class folders as train/) so the model can be evaluated")
+    data = scan_sources(_roots(options.data))
+    names = data.class_names
+    binary = len(names) == 2
     weights = cfg.weights_spec(settings.base_dir)
     t_start = time.perf_counter()
     timing: dict[str, float] = {}
@@ -356,114 +404,179 @@ def train(settings: Settings, options: TrainOptions) -> TrainResult:
         cfg.output_dir / datetime.now().strftime("%Y%m%d-%H%M%S"))
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    cache_root = run_dir / "cache"
     log.info("run folder: %s", run_dir)
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
     device = configure_device(settings.device)
 
-    # 1. pre-scan + decode cache --------------------------------------------------------
+    # 1. pre-scan + decode cache (on disk) ---------------------------------------------
     t = time.perf_counter()
-    train_layout = scan_split(data / "train")
-    names = train_layout.class_names
-    test_layout = scan_split(data / "test", names)
-    binary = len(names) == 2
-    log.info("classes %s; %d training files, %d test files", list(names),
-             len(train_layout.files), len(test_layout.files))
-    images, labels, skipped = decode_all(train_layout.files, train_layout.labels,
-                                         input_size=cfg.input_size, decode=settings.decode,
-                                         threads=settings.inference.threads, root=data)
+    log.info("classes %s; %d training files from %d folder(s), %d test files in %s",
+             list(names), len(data.files), len(data.sources), len(data.test_layout.files),
+             data.test_dir)
+    display = [os.path.relpath(f, data.sources[k].root.parent)
+               for f, k in zip(data.files, data.origin)]
+    images = decode_to_cache(data.files, data.stamps, cache_root / "images",
+                             input_size=cfg.input_size, decode=settings.decode,
+                             threads=settings.inference.threads, display=display)
+    del display
+    reader = images.reader
+    labels = data.labels[images.kept]
+    origin = data.origin[images.kept]
+    skipped = data.skipped + images.skipped
     if skipped:
-        log.warning("pre-scan skipped %d unusable training file(s); see the report", len(skipped))
+        log.warning("pre-scan skipped %d training file(s); see the report", len(skipped))
     counts = np.bincount(labels, minlength=len(names))
     if (counts < 2).any():
-        raise ConfigError(f"{data / 'train'}: every class needs at least 2 usable images, got "
+        raise ConfigError(f"training data: every class needs at least 2 usable images, got "
                           f"{dict(zip(names, counts.tolist()))}")
     train_idx, val_idx = stratified_split(labels, cfg.validation_fraction, cfg.seed)
+    y_tr, y_val = labels[train_idx], labels[val_idx]
     timing["decode_seconds"] = time.perf_counter() - t
-    log.info("decoded %d images in %.1f s (%d train, %d validation, %d skipped)",
-             len(images), timing["decode_seconds"], len(train_idx), len(val_idx), len(skipped))
-    x_val, y_val = images[val_idx], labels[val_idx]
+    log.info("%s %d images in %.1f s (%d train, %d validation, %d skipped)",
+             "reused the cache of" if images.reused else "decoded", len(labels),
+             timing["decode_seconds"], len(train_idx), len(val_idx), len(skipped))
     epoch_log = EpochLog(run_dir / "log.csv")
     notes: list[str] = []
+    cached = cfg.fine_tune_epochs > 0 and cfg.fine_tune_cache
+    all_idx = np.arange(len(labels))
+    tr_pos = np.arange(len(train_idx))   # record j of a train-only file = train_idx[j]
 
     with tf.device(device):
         model = model_lib.build_model(len(names), cfg.input_size, cfg.alpha, weights, cfg.dropout)
         loss, metric = _loss_and_metric(binary)
         if weights is None:
             sample = np.random.default_rng(cfg.seed).permutation(train_idx)[:64]
-            model_lib.init_batchnorm_statistics(model, images[np.sort(sample)])
+            model_lib.init_batchnorm_statistics(model, reader.read(np.sort(sample)))
             log.info("random backbone: BatchNorm statistics set from %d training images",
                      len(sample))
+        fm = model_lib.feature_model(model)
+
+        # 2a. activations of the frozen layers below fine_tune_from (cached on disk) -------
+        if cached:
+            t = time.perf_counter()
+            cut = model_lib.cut_tensor(model, cfg.fine_tune_from)
+            bottom = keras.Model(model.inputs[0], cut, name="frozen_bottom")
+            top_features = keras.Model(cut, model.get_layer(model_lib.FEATURE_LAYER).output,
+                                       name="top_features")
+            act_dir = cache_root / "activations"
+            key = hashlib.sha256(repr((images.key, _weights_stamp(weights, cfg.seed),
+                                       cfg.fine_tune_from, cfg.alpha, cfg.flip,
+                                       train_idx.tobytes().hex())).encode()).hexdigest()
+            shape = tuple(int(d) for d in cut.shape[1:])
+            if cache.open_complete(act_dir, key) is None:
+                tmp = cache.start_build(act_dir)
+                try:
+                    map_to_file(bottom, reader, all_idx, tmp / "orig.f16", np.float16,
+                                what="activations")
+                    if cfg.flip:
+                        map_to_file(bottom, reader, train_idx, tmp / "flip.f16", np.float16,
+                                    flip=True, what="activations (flipped)")
+                    cache.finish_build(act_dir, {"key": key, "shape": list(shape),
+                                                 "layer": cfg.fine_tune_from})
+                except BaseException:
+                    cache.abandon_build(act_dir)
+                    raise
+            else:
+                log.info("reusing the activation cache %s", act_dir)
+            a_orig = RecordReader(act_dir / "orig.f16", shape, np.float16)
+            a_flip = RecordReader(act_dir / "flip.f16", shape, np.float16) if cfg.flip else None
+            timing["activation_seconds"] = time.perf_counter() - t
+            log.info("activations at %s (%s, float16) in %.1f s", cfg.fine_tune_from, shape,
+                     timing["activation_seconds"])
+        # phase-1 features come from the activations when they exist (the top only)
+        feat_fn, feat_src, feat_flip_src = ((top_features, a_orig, a_flip) if cached
+                                            else (fm, reader, reader))
 
         # 2. phase 1: head on cached features --------------------------------------------
         best: tuple[float, list] | None = None
         final_from_head = cfg.head_epochs > 0
+        f_orig = f_flip = None
         if cfg.head_epochs > 0:
             t = time.perf_counter()
-            fm = model_lib.feature_model(model)
-            x_tr = images[train_idx]
-            f_orig = compute_features(fm, x_tr, 64, what=" (train)")
-            f_flip = (compute_features(fm, x_tr, 64, flip=True, what=" (train, flipped)")
-                      if cfg.flip else None)
-            f_tr = f_orig if f_flip is None else np.concatenate([f_orig, f_flip])
-            del x_tr
-            y_tr = labels[train_idx]
+            feat_dir = cache_root / "features"
+            cache.remove(feat_dir)
+            feat_dir.mkdir(parents=True)
+            f_orig = map_to_file(feat_fn, feat_src, all_idx, feat_dir / "orig.f32",
+                                 what="features")
             if cfg.flip:
-                y_tr = np.concatenate([y_tr, y_tr])
-            f_val = compute_features(fm, x_val, 64, what=" (validation)")
+                f_flip = map_to_file(feat_fn, feat_flip_src, tr_pos if cached else train_idx,
+                                     feat_dir / "flip.f32", flip=not cached,
+                                     what="features (flipped)")
             timing["feature_seconds"] = time.perf_counter() - t
             log.info("backbone features for phase 1 in %.1f s", timing["feature_seconds"])
             t = time.perf_counter()
-            head = model_lib.head_model(model, f_tr.shape[1])
+            head = model_lib.head_model(model, f_orig.shape[0])
             head.compile(optimizer=keras.optimizers.Adam(cfg.head_learning_rate), loss=loss,
                          metrics=[metric])
-            steps = int(np.ceil(len(f_tr) / cfg.batch_size))
+            sources = [(f_orig, train_idx)] + ([(f_flip, tr_pos)] if f_flip is not None else [])
+            y_head = np.concatenate([y_tr] * len(sources))
+            steps = cache.steps(sources, cfg.batch_size)
             cb = _callbacks("head", model, epoch_log, ckpt_dir, cfg.head_patience, None, steps)
-            head.fit(f_tr, _targets(y_tr, binary), batch_size=cfg.batch_size,
-                     epochs=cfg.head_epochs, validation_data=(f_val, _targets(y_val, binary)),
-                     shuffle=True, callbacks=[cb], verbose=0)
+            head.fit(cache.stream(sources, _targets(y_head, binary), cfg.batch_size, cfg.seed),
+                     steps_per_epoch=steps, epochs=cfg.head_epochs,
+                     validation_data=cache.stream([(f_orig, val_idx)], _targets(y_val, binary),
+                                                  256, None),
+                     validation_steps=cache.steps([(f_orig, val_idx)], 256),
+                     callbacks=[cb], shuffle=False, verbose=0)
             best = (cb.best, model.get_weights())
             head_best_epoch = max(1, cb.best_epoch)
             timing["head_seconds"] = time.perf_counter() - t
-            del f_tr
 
         # 3. phase 2: fine-tune the top blocks -------------------------------------------
         if cfg.fine_tune_epochs > 0:
             t = time.perf_counter()
             n_trainable = model_lib.set_backbone_trainable(model, True, cfg.fine_tune_from)
-            log.info("fine-tuning %d backbone layers from %s (BatchNorm frozen), lr %g",
-                     n_trainable, cfg.fine_tune_from, cfg.fine_tune_learning_rate)
+            log.info("fine-tuning %d backbone layers from %s (BatchNorm frozen), lr %g (%s), "
+                     "on %s", n_trainable, cfg.fine_tune_from, cfg.fine_tune_learning_rate,
+                     cfg.fine_tune_schedule,
+                     "cached activations (flip only)" if cached else "augmented images")
             loss, metric = _loss_and_metric(binary)
-            model.compile(optimizer=keras.optimizers.Adam(cfg.fine_tune_learning_rate),
-                          loss=loss, metrics=[metric])
-            train_ds = train_pipeline(images[train_idx], _targets(labels[train_idx], binary),
-                                      cfg, cfg.seed)
-            val_ds = eval_pipeline(x_val, _targets(y_val, binary), 64)
-            steps = int(np.ceil(len(train_idx) / cfg.batch_size))
+            if cached:
+                trainee = keras.Model(cut, model.output, name="top")
+                sources = [(a_orig, train_idx)] + ([(a_flip, tr_pos)] if a_flip is not None else [])
+                steps = cache.steps(sources, cfg.batch_size, pick_one=True)
+                train_ds = cache.stream(sources, _targets(y_tr, binary), cfg.batch_size,
+                                        cfg.seed, pick_one=True).prefetch(2)
+                val_ds = cache.stream([(a_orig, val_idx)], _targets(y_val, binary), 64, None)
+                val_steps = cache.steps([(a_orig, val_idx)], 64)
+            else:
+                trainee = model
+                steps = cache.steps([(reader, train_idx)], cfg.batch_size)
+                train_ds = image_pipeline(reader, train_idx, _targets(y_tr, binary), cfg,
+                                          cfg.seed, augment=True)
+                val_ds = image_pipeline(reader, val_idx, _targets(y_val, binary), cfg, None,
+                                        augment=False, repeat=True)
+                val_steps = cache.steps([(reader, val_idx)], cfg.batch_size)
+            trainee.compile(optimizer=_optimizer(cfg, steps * cfg.fine_tune_epochs), loss=loss,
+                            metrics=[metric])
             cb = _callbacks("fine-tune", model, epoch_log, ckpt_dir, cfg.fine_tune_patience,
                             best, steps)
-            model.fit(train_ds, epochs=cfg.fine_tune_epochs, steps_per_epoch=steps,
-                      validation_data=val_ds, callbacks=[cb], shuffle=False, verbose=0)
+            trainee.fit(train_ds, epochs=cfg.fine_tune_epochs, steps_per_epoch=steps,
+                        validation_data=val_ds, validation_steps=val_steps, callbacks=[cb],
+                        shuffle=False, verbose=0)
             if cb.best_epoch == 0:
                 notes.append("fine-tuning did not improve validation loss; the phase-1 weights "
                              "were kept")
             else:
                 final_from_head = False
             timing["fine_tune_seconds"] = time.perf_counter() - t
-        del images
 
         # 4. calibration -----------------------------------------------------------------
         t = time.perf_counter()
-        cal_logits = logits_of(model, x_val, 64)
+        kernel, bias = model_lib.classifier_weights(model)
+        cal_logits = (logits_from(top_features, a_orig, val_idx, kernel, bias) if cached
+                      else logits_from(fm, reader, val_idx, kernel, bias))
         cal_y = y_val
         method = "validation split"
         if cfg.calibrate and cfg.head_epochs > 0:
             log.info("cross-fitting %d phase-1 heads for calibration logits", CALIBRATION_FOLDS)
-            oof = cross_fitted_logits(f_orig, f_flip, labels[train_idx], cfg, head_best_epoch,
+            oof = cross_fitted_logits(f_orig, f_flip, train_idx, y_tr, cfg, head_best_epoch,
                                       len(names))
             cal_logits = np.concatenate([cal_logits, oof])
-            cal_y = np.concatenate([y_val, labels[train_idx]])
+            cal_y = np.concatenate([y_val, y_tr])
             method = (f"the final model's validation split + {CALIBRATION_FOLDS}-fold "
                       "cross-fitted phase-1 logits of the training part"
                       + ("" if final_from_head else
@@ -483,18 +596,31 @@ def train(settings: Settings, options: TrainOptions) -> TrainResult:
         # a clean copy for serving: no optimizer state, nothing trainable-specific
         clean = model_lib.build_model(len(names), cfg.input_size, cfg.alpha, None, cfg.dropout)
         clean.set_weights(model.get_weights())
+    reader.close()
+    for r in (a_orig, a_flip, f_orig, f_flip) if cached else (f_orig, f_flip):
+        if r is not None:
+            r.close()
     timing["train_seconds"] = time.perf_counter() - t_start
     log.info("training took %.1f min", timing["train_seconds"] / 60)
 
     digest = hashlib.sha256(b"".join(np.ascontiguousarray(w).tobytes()
                                      for w in clean.get_weights())).hexdigest()[:8]
     version = f"{datetime.now(timezone.utc):%Y.%m.%d}-{digest}"
+    sources_info = []
+    for k, src in enumerate(data.sources):
+        mine = origin == k
+        entry = src.as_dict()
+        entry["used"] = _count(labels[mine], names)
+        entry["skipped"] = int(np.sum(data.origin == k) - mine.sum()) + src.skipped
+        sources_info.append(entry)
     extra = {
         "seed": cfg.seed,
         "settings": _settings_dict(cfg, settings.base_dir),
         "backbone_weights": cfg.backbone_weights if weights in (None, "imagenet") else weights,
-        "data": {"root": str(data), "train_counts": _count(labels[train_idx], names),
-                 "val_counts": _count(y_val, names), "test_counts": test_layout.counts(),
+        "data": {"root": ", ".join(str(s.root) for s in data.sources),
+                 "sources": sources_info, "test_dir": str(data.test_dir),
+                 "train_counts": _count(y_tr, names),
+                 "val_counts": _count(y_val, names), "test_counts": data.test_layout.counts(),
                  "validation_fraction": cfg.validation_fraction},
         "skipped": [s.as_dict() for s in skipped],
         "timing": {k: round(v, 1) for k, v in timing.items()},
@@ -513,10 +639,13 @@ def train(settings: Settings, options: TrainOptions) -> TrainResult:
                      version=version, target_layer=model_lib.TARGET_LAYER, extra=extra)
     model_path = save_model(clean, meta, run_dir / "model.keras")
     log.info("model saved: %s (version %s)", model_path, version)
+    if not cfg.keep_cache:
+        cache.remove(cache_root)
+        log.info("removed the training cache %s ([training] keep_cache = false)", cache_root)
 
     # 5. evaluation on the test split, through the engine ---------------------------------
     loaded = load_model(model_path)
-    evaluation = evaluate_folder(settings, loaded, data / "test", cfg.gallery_size)
+    evaluation = evaluate_folder(settings, loaded, data.test_dir, cfg.gallery_size)
     meta = dataclasses.replace(loaded.meta, metrics=_summary(evaluation))  # keeps model_sha256
     _write_meta(model_path, meta)
     write_report(model_path, meta, evaluation)
@@ -526,7 +655,6 @@ def train(settings: Settings, options: TrainOptions) -> TrainResult:
                                install_policy)
     return TrainResult(run_dir, model_path, meta, evaluation, installed, cfg.install_to,
                        timing["train_seconds"])
-
 
 def _count(labels: np.ndarray, names: tuple[str, ...]) -> dict[str, int]:
     c = np.bincount(labels, minlength=len(names))
