@@ -185,13 +185,15 @@ def _head(model: Any) -> tuple[Any, str]:
     return head, act_name
 
 
-def find_multiscale_layers(model: Any, scales: int = AUTO_LAYER_SCALES) -> list[tuple[str, ...]]:
-    """The last feature map, then the last layer at twice, four times ... its resolution.
+def find_multiscale_layers(model: Any, scales: int = AUTO_LAYER_SCALES,
+                           first: tuple[str, ...] | None = None) -> list[tuple[str, ...]]:
+    """The last feature map (or ``first``), then the last layer before it at twice, four times
+    ... its resolution.
 
     MobileNetV2 at 224 px: ``out_relu`` (7x7), ``block_13_expand_relu`` (14x14),
     ``block_6_expand_relu`` (28x28). Layers with 3 or fewer channels (the image) are skipped.
     """
-    first = find_target_layer(model)
+    first = first or find_target_layer(model)
     container = model
     for name in first[:-1]:
         container = container.get_layer(name)
@@ -261,8 +263,8 @@ class GradCam:
     """Batched probabilities + class activation maps for ``model`` described by ``meta``.
 
     ``target_layer``: a layer name, a list of them (maps fused), or "" for the metadata's
-    layer / the last feature map (for ``layercam``: the last one at each of
-    :data:`AUTO_LAYER_SCALES` resolutions). ``method``: a key of :data:`METHODS`, or pass
+    layer / the last feature map (for ``layercam``: that one and the last layers at the next
+    finer resolutions, :data:`AUTO_LAYER_SCALES` in all). ``method``: a key of :data:`METHODS`, or pass
     ``channel_weights`` directly.
     """
 
@@ -276,11 +278,15 @@ class GradCam:
         self.model = model
         self.meta = meta
         self.method = method
-        names = target_layer_names(target_layer) or target_layer_names(meta.target_layer)
+        names = target_layer_names(target_layer)
+        recorded = target_layer_names(meta.target_layer)
         if names:
             self.target_paths = [resolve_target_layer(model, name) for name in names]
-        elif method == "layercam" and channel_weights is None:
-            self.target_paths = find_multiscale_layers(model)
+        elif method == "layercam" and channel_weights is None:  # from the recorded layer up
+            first = resolve_target_layer(model, recorded[0]) if len(recorded) == 1 else None
+            self.target_paths = find_multiscale_layers(model, first=first)
+        elif recorded:
+            self.target_paths = [resolve_target_layer(model, name) for name in recorded]
         else:
             self.target_paths = [find_target_layer(model)]
         self.channel_weights = channel_weights or METHODS[method]
