@@ -119,3 +119,73 @@ def score_methods(settings: Settings, answers: Runtime, folder: Path, methods: S
                  numbers["seconds"], 100 * numbers["keep_top_win_rate"], numbers["deletion_auc"],
                  numbers["insertion_auc"], numbers["road_gap"])
     return results
+
+
+def method_figure(settings: Settings, photos: Sequence[Path], methods: Sequence[str],
+                  model_path: Path | None = None, side: int = 256) -> np.ndarray:
+    """One row per photo: the photo, then each method's overlay (the served pictures' look:
+    ``[gradcam]`` colormap and opacity, label and confidence as caption). RGB uint8."""
+    import cv2
+
+    from engine.classifier import format_confidence
+    from engine.decode import decode_image, read_file_bytes
+    from engine.render import draw_caption, overlay
+
+    model_path = Path(model_path or settings.model.path)
+    runtimes = {m: method_runtime(settings, m, model_path) for m in methods}
+    meta = next(iter(runtimes.values())).meta
+    d, g = settings.decode, settings.gradcam
+    rows = []
+    for path in photos:
+        image = decode_image(read_file_bytes(path, max_bytes=d.max_file_bytes),
+                             input_size=meta.input_size, max_pixels=d.max_image_pixels,
+                             preview_max_side=side)
+        rgb = image.preview
+        h, w = rgb.shape[:2]
+        rgb = cv2.resize(rgb, (round(w * side / max(h, w)), round(h * side / max(h, w))),
+                         interpolation=cv2.INTER_AREA) if max(h, w) != side else rgb
+        cells = [draw_caption(rgb, Path(path).name)]
+        for method, runtime in runtimes.items():
+            probs, maps = runtime.run(image.model_input[None].astype(np.float32), maps=True)
+            c = int(meta.predicted_indices(probs)[0])
+            caption = f"{method}: {meta.class_names[c]} {format_confidence(float(probs[0, c]))}"
+            cells.append(overlay(rgb, maps[0], alpha=g.overlay_alpha, colormap=g.colormap,
+                                 caption=caption))
+        row = np.concatenate([_pad_to(cell, cells[0].shape[0], side) for cell in cells], axis=1)
+        rows.append(row)
+    return np.concatenate(rows, axis=0)
+
+
+def _pad_to(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Centre ``rgb`` on a white ``height`` x ``width`` canvas."""
+    out = np.full((height, width, 3), 255, np.uint8)
+    h, w = rgb.shape[:2]
+    y, x = (height - h) // 2, (width - w) // 2
+    out[y:y + h, x:x + w] = rgb
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m training.explanations --out models/cam_methods.jpg PHOTO...``: the README's
+    side-by-side figure of the methods (``make figures``)."""
+    import argparse
+
+    from engine.config import load_settings
+    from engine.render import write_picture
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("photos", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--methods", default="gradcam,gradcampp,layercam")
+    ap.add_argument("--config", type=Path, default=Path("config.toml"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = load_settings(args.config, required=False)
+    picture = method_figure(settings, args.photos, [m for m in args.methods.split(",") if m])
+    write_picture(args.out, picture, "jpg", 88)
+    log.info("wrote %s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
