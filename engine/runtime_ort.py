@@ -171,4 +171,5 @@ class OrtRuntime:
         return probs, cams_from_class_maps(outputs[1], predicted, self.meta.binary)
 
     def describe(self) -> str:
-        return f"onnxruntime {self.precision} (CPU, {self.source.name})"
+        maps = f", {self.method}" if self.has_maps else ""
+        return f"onnxruntime {self.precision} (CPU, {self.source.name}{maps})"
