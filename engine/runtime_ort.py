@@ -123,7 +123,7 @@ class OrtRuntime:
                 f"{manifest.gradcam.get('reason', 'not exported')}); serve it with TensorFlow "
                 "([inference] runtime = \"tensorflow\") or without pictures (--no-gradcam)")
         wanted = settings.gradcam.target_layers
-        if wanted and manifest.gradcam.get("target_layer") not in (None, *wanted) or len(wanted) > 1:
+        if len(wanted) > 1 or (wanted and manifest.gradcam.get("target_layer") not in (None, *wanted)):
             raise ModelLoadError(
                 f"[gradcam] target_layer = {settings.gradcam.target_layer!r} but the ONNX export "
                 f"explains {manifest.gradcam.get('target_layer')!r}; clear target_layer, or use "
@@ -159,8 +159,7 @@ class OrtRuntime:
 
     def run(self, images: np.ndarray, maps: bool) -> tuple[np.ndarray, np.ndarray | None]:
         batch = np.asarray(images, dtype=np.float32)
-        output = METHOD_OUTPUTS[self.method]
-        want = ["logits", output] if maps and self.has_maps else ["logits"]
+        want = ["logits", METHOD_OUTPUTS[self.method]] if maps and self.has_maps else ["logits"]
         outputs = self.session.run(want, {self.input_name: batch})
         probs = calibrated_probabilities(outputs[0], self.meta)
         if len(outputs) == 1:

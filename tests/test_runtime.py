@@ -193,7 +193,9 @@ def test_method_that_needs_gradients_goes_to_tensorflow_or_is_refused(binary_exp
     assert maps.shape[0] == 2 and maps.max() <= 1.0
     # no pictures: ONNX Runtime still serves the probabilities
     s = _settings(path, "layercam", runtime="onnxruntime")
-    assert open_runtime(replace(s, gradcam=replace(s.gradcam, enabled=False))).name == "onnxruntime"
+    probs_only = open_runtime(replace(s, gradcam=replace(s.gradcam, enabled=False)))
+    assert probs_only.name == "onnxruntime" and not probs_only.has_maps
+    assert probs_only.run(_images(2), maps=True)[1] is None
 
 
 def test_head_without_exact_maps_falls_back_or_refuses(tmp_path):
