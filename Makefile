@@ -6,7 +6,7 @@ BIN     = $(VENV)/bin
 DATA   ?= ../shared/dataset/test
 OUT    ?= results
 
-.PHONY: setup run test bench bench-watcher bench-web bench-ray soak train evaluate export clean
+.PHONY: setup run test bench bench-watcher bench-web bench-ray soak train evaluate export figures clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,13 @@ train: setup          ## retrain the shipped model on ../shared/dataset + ../sha
 
 export: setup         ## regenerate the shipped model's ONNX copies (fp32, int8) and their checks
 	$(BIN)/pawcam export --data ../shared/dataset
+
+# The README's side-by-side figure of the explanation methods: three cats on a blanket, two
+# puppies in a box, a small dog far away on a lawn, a small cat on a cat tree.
+FIGURE_PHOTOS = $(addprefix ../shared/dataset/test/,cat/cat.4050.jpg dog/dog.4018.jpg \
+                dog/dog.4021.jpg cat/cat.4042.jpg)
+figures: setup        ## models/cam_methods.jpg: each photo and each method's overlay
+	$(BIN)/python -m training.explanations --out models/cam_methods.jpg $(FIGURE_PHOTOS)
 
 evaluate: setup       ## evaluate the shipped model on ../shared/dataset/test
 	$(BIN)/pawcam evaluate --data ../shared/dataset

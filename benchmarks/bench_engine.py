@@ -9,8 +9,9 @@ Prints, for TensorFlow, ONNX Runtime fp32 and ONNX Runtime int8 side by side (be
   (b) the bulk run writing the CSV only (`pawcam predict --no-gradcam`),
   (c) the bulk run with all three Grad-CAM pictures,
 then, each in a fresh process, one-image `pawcam predict` wall time and peak memory and the
-daemon's start-up time to READY (sd_notify), per runtime; (d) a naive notebook loop; and the
-ratios the serving-runtime issue targets. Images: ../shared/dataset/test when present, else
+daemon's start-up time to READY (sd_notify), per runtime; (d) a naive notebook loop; the
+ratios the serving-runtime issue targets; and (e) the bulk run with pictures per explanation
+method (``--methods``) on the default runtime, with the default method's cost against Grad-CAM. Images: ../shared/dataset/test when present, else
 synthetic 500x375 JPEGs. Model: models/cat_dog_model.keras and its ONNX export.
 """
 from __future__ import annotations
@@ -207,12 +208,39 @@ def bench_naive(model_file: Path, images: list[Path], out: Path) -> float:
     return len(images) / (time.perf_counter() - t0)
 
 
+def bench_methods(settings, args: argparse.Namespace, tmp: Path) -> None:
+    """(e) the bulk run with the three pictures per explanation method, each on the runtime the
+    shipped config picks for it, interleaved rounds; ratios to the first (today's Grad-CAM)."""
+    methods = [m for m in args.methods.split(",") if m]
+    if settings.gradcam.method not in methods:
+        methods.append(settings.gradcam.method)
+    clfs = {}
+    for m in methods:
+        s = replace(settings, gradcam=replace(settings.gradcam, method=m, enabled=True))
+        clfs[m] = (s, Classifier(s))
+    rates = {m: 0.0 for m in methods}
+    for _ in range(args.rounds):
+        for m, (s, clf) in clfs.items():
+            rates[m] = max(rates[m], bench_bulk(s, clf, tmp / "images", tmp / "out", True))
+    print()
+    print("(e) bulk run, CSV + 3 pictures, per explanation method (default runtime):")
+    for m, (s, clf) in clfs.items():
+        mark = "  <- [gradcam] method" if m == settings.gradcam.method else ""
+        print(f"  {m:10s} {rates[m]:7.1f} img/s  {rates[m] / rates[methods[0]]:5.2f} x "
+              f"{methods[0]}  ({clf.runtime.describe()}){mark}")
+    print(f"  default method / {methods[0]}: {rates[settings.gradcam.method] / rates[methods[0]]:.2f}"
+          "   target >= 0.85")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--naive-images", type=int, default=32)
     ap.add_argument("--config", type=Path, default=ROOT / "config.toml")
+    ap.add_argument("--methods", default="gradcam,gradcampp",
+                    help="explanation methods timed in (e) on the default runtime; the first is "
+                         "the reference, the configured [gradcam] method is always included")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     tmp = Path(tempfile.mkdtemp(prefix="pawcam-bench-"))
@@ -294,6 +322,7 @@ def main() -> None:
             checks.append(("bulk + pictures (default) / naive loop", dflt["c"] / d, ">= 8"))
         for name, value, target in checks:
             print(f"  {name:40s} {value:7.2f}   target {target}")
+        bench_methods(settings, args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -32,6 +32,8 @@ T = TypeVar("T")
 EXTRA_SECTIONS = ("training", "watcher", "serve")
 
 GRADCAM_OUTPUTS = ("gray", "heatmap", "overlay")
+#: explanation methods (engine.gradcam.METHODS; kept here so config needs no TensorFlow)
+CAM_METHODS = ("gradcam", "gradcampp", "layercam")
 COLORMAPS = ("jet", "turbo", "inferno", "magma", "viridis", "plasma", "hot", "bone", "parula")
 IMAGE_FORMATS = ("jpg", "png", "webp")
 RUNTIMES = ("auto", "onnxruntime", "tensorflow")
@@ -103,7 +105,10 @@ class DecodeSettings:
 class GradcamSettings:
     enabled: bool = True
     outputs: tuple[str, ...] = GRADCAM_OUTPUTS
-    target_layer: str = ""
+    #: "gradcam", "gradcampp" or "layercam" (see engine.gradcam)
+    method: str = "gradcam"
+    #: "" (automatic), a layer name, or a list of layer names whose maps are fused
+    target_layer: str | tuple[str, ...] = ""
     colormap: str = "jet"
     overlay_alpha: float = 0.45
     max_side: int = 512
@@ -115,11 +120,22 @@ class GradcamSettings:
         for name in self.outputs:
             _check(name in GRADCAM_OUTPUTS, where, "outputs", f"{name!r} is not one of {list(GRADCAM_OUTPUTS)}")
         _check(len(set(self.outputs)) == len(self.outputs), where, "outputs", "lists a picture twice")
+        _check(self.method in CAM_METHODS, where, "method", f"must be one of {list(CAM_METHODS)}")
+        _check(all(isinstance(n, str) and n for n in self.target_layers) and
+               len(set(self.target_layers)) == len(self.target_layers), where, "target_layer",
+               "must be \"\", a layer name or a list of distinct layer names")
         _check(self.colormap in COLORMAPS, where, "colormap", f"must be one of {list(COLORMAPS)}")
         _check(0.0 <= self.overlay_alpha <= 1.0, where, "overlay_alpha", "must be in [0, 1]")
         _check(16 <= self.max_side <= 16384, where, "max_side", "must be between 16 and 16384")
         _check(self.format in IMAGE_FORMATS, where, "format", f"must be one of {list(IMAGE_FORMATS)}")
         _check(1 <= self.jpeg_quality <= 100, where, "jpeg_quality", "must be between 1 and 100")
+
+    @property
+    def target_layers(self) -> tuple[str, ...]:
+        """``target_layer`` as a tuple of names: () for automatic."""
+        if isinstance(self.target_layer, str):
+            return (self.target_layer,) if self.target_layer else ()
+        return tuple(self.target_layer)
 
     @property
     def active_outputs(self) -> tuple[str, ...]:

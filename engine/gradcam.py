@@ -1,26 +1,37 @@
-"""Batched Grad-CAM for Keras classifiers: calibrated probabilities and one CAM per image.
+"""Batched class activation maps for Keras classifiers: probabilities and one map per image.
 
-    cam = GradCam(model, meta)                      # target layer found automatically
+    cam = GradCam(model, meta)                      # Grad-CAM, target layer found automatically
     probs, maps = cam(images)                       # (N, C) probabilities, (N, h, w) in [0, 1]
-    probs = cam.probabilities(images)               # forward only, no CAM
+    probs = cam.probabilities(images)               # forward only, no map
+    cam = GradCam(model, meta, ["out_relu", "block_13_expand_relu"], method="layercam")
 
 One compiled function per batch computes, for each image, the **predicted** class's
-pre-activation score, its gradient at the target layer, the channel weights, and
+pre-activation score, its gradients at the target layer(s), the weights, and
 ``ReLU(sum_k w_k A_k)`` normalised to [0, 1] (an all-zero map stays zero, never NaN).
 For a single sigmoid unit the score is ``+logit`` when the positive class is predicted and
-``-logit`` otherwise, so a "cat" result shows cat evidence. As in pytorch-grad-cam, the
-method-specific part is only the channel weighting (:func:`gradcam_weights`); pass another
-``channel_weights`` function to get a variant.
+``-logit`` otherwise, so a "cat" result shows cat evidence.
+
+As in pytorch-grad-cam, a method is only its weighting ``(grads, activations) -> weights``
+(:data:`METHODS`): channel weights ``(N, K)`` or elementwise weights ``(N, h, w, K)``.
+
+- ``gradcam``   (Selvaraju et al. 2017): the spatial mean of the gradient.
+- ``gradcampp`` (Chattopadhyay et al. 2018, eq. 19 with the authors' alpha normalisation, as
+  tf-keras-vis): ``sum_ij alpha_ij ReLU(g_ij)``, ``alpha = g^2 / (2 g^2 + sum_ab A_ab g^3)``.
+- ``layercam``  (Jiang et al. 2021): elementwise ``ReLU(g_ij) * A_ij``, usually over several
+  layers.
+
+With several target layers each layer's map is normalised, upsampled (bilinear) to the finest
+layer's grid, and the maps are averaged and normalised again (pytorch-grad-cam's fusion).
 
 The model may hold its backbone as a nested sub-model (the "Graph disconnected" pitfall): the
-outer chain is replayed around a two-output copy of the backbone. Any topology is checked at
-construction: the rebuilt graph must reproduce the model's own outputs.
+outer chain is replayed around a copy of the backbone with extra outputs. Any topology is
+checked at construction: the rebuilt graph must reproduce the model's own outputs.
 """
 from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -31,7 +42,8 @@ log = logging.getLogger(__name__)
 # Keras warns when a one-input model loaded from disk is called with a bare tensor; harmless.
 warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")
 
-ChannelWeights = Callable[[Any, Any], Any]  # (grads, activations) NHWK -> weights NK
+#: (grads, activations) NHWK -> weights NK (per channel) or NHWK (per position and channel)
+ChannelWeights = Callable[[Any, Any], Any]
 
 
 def gradcam_weights(grads: Any, activations: Any) -> Any:
@@ -40,6 +52,49 @@ def gradcam_weights(grads: Any, activations: Any) -> Any:
 
     del activations
     return tf.reduce_mean(grads, axis=(1, 2))
+
+
+def gradcampp_weights(grads: Any, activations: Any) -> Any:
+    """Grad-CAM++ (Chattopadhyay et al. 2018, eq. 19): ``sum_ij alpha_ij ReLU(g_ij)``.
+
+    ``alpha_ij = g^2 / (2 g^2 + sum_ab A_ab g^3)`` (the exponential score's factors cancel),
+    0 where ``g^2 = 0``, then normalised to sum 1 over the positions of each channel, as the
+    authors' code and tf-keras-vis do. For a GAP -> Dense head ``g = w / (h w)`` everywhere, so
+    the weights reduce to ``ReLU(w) / (h w)``: see :func:`engine.runtime_ort.cams_from_class_maps`.
+    """
+    import tensorflow as tf
+
+    g2 = tf.square(grads)
+    g3 = g2 * grads
+    total = tf.reduce_sum(activations, axis=(1, 2), keepdims=True)
+    denom = 2.0 * g2 + total * g3
+    denom = tf.where(g2 == 0.0, tf.ones_like(denom), denom)
+    alpha = g2 / denom
+    norm = tf.reduce_sum(alpha, axis=(1, 2), keepdims=True)
+    alpha = alpha / tf.where(norm != 0.0, norm, tf.ones_like(norm))
+    return tf.reduce_sum(alpha * tf.nn.relu(grads), axis=(1, 2))
+
+
+def layercam_weights(grads: Any, activations: Any) -> Any:
+    """LayerCAM (Jiang et al. 2021): each position weighs its own positive gradient."""
+    import tensorflow as tf
+
+    del activations
+    return tf.nn.relu(grads)
+
+
+#: ``[gradcam] method`` -> its weighting
+METHODS: dict[str, ChannelWeights] = {
+    "gradcam": gradcam_weights,
+    "gradcampp": gradcampp_weights,
+    "layercam": layercam_weights,
+}
+#: methods whose maps need no gradient below the last feature map for a GAP -> Dense head (the
+#: ONNX export serves them in closed form); the others need TensorFlow's gradients
+CLOSED_FORM_METHODS = ("gradcam", "gradcampp")
+#: how many scales ``layercam`` fuses when no target layer is set (7x7, 14x14, 28x28 on
+#: MobileNetV2 at 224 px)
+AUTO_LAYER_SCALES = 3
 
 
 def calibrated_probabilities(logits: np.ndarray, meta: ModelMeta) -> np.ndarray:
@@ -130,64 +185,139 @@ def _head(model: Any) -> tuple[Any, str]:
     return head, act_name
 
 
-def _build_feature_model(model: Any, path: tuple[str, ...]) -> Any:
-    """A model with outputs ``[target activations, input of the head layer]``."""
+def find_multiscale_layers(model: Any, scales: int = AUTO_LAYER_SCALES,
+                           first: tuple[str, ...] | None = None) -> list[tuple[str, ...]]:
+    """The last feature map (or ``first``), then the last layer before it at twice, four times
+    ... its resolution.
+
+    MobileNetV2 at 224 px: ``out_relu`` (7x7), ``block_13_expand_relu`` (14x14),
+    ``block_6_expand_relu`` (28x28). Layers with 3 or fewer channels (the image) are skipped.
+    """
+    first = first or find_target_layer(model)
+    container = model
+    for name in first[:-1]:
+        container = container.get_layer(name)
+    layers = _sublayers(container)
+    names = [layer.name for layer in layers]
+    start = names.index(first[-1])
+    height = int(layers[start].output.shape[1])
+    found = [first]
+    for layer in reversed(layers[:start]):
+        if len(found) >= scales:
+            break
+        shape = getattr(layer, "output", None)
+        if shape is None or isinstance(layer.output, (list, tuple)) or len(layer.output.shape) != 4:
+            continue
+        h, k = layer.output.shape[1], layer.output.shape[3]
+        if h == height * 2 ** len(found) and (k or 0) > 3:
+            found.append((*first[:-1], layer.name))
+    return found
+
+
+def _build_feature_model(model: Any, paths: list[tuple[str, ...]]) -> Any:
+    """A model with outputs ``[activations of each target layer..., input of the head layer]``."""
     import keras
 
     head, _ = _head(model)
-    if len(path) == 1:
-        target = model.get_layer(path[0])
-        return keras.Model(model.inputs, [target.output, head.input], name="gradcam_features")
-    if len(path) != 2:
-        raise ModelLoadError(f"target layer {'/'.join(path)!r} is nested more than one level deep; "
-                             "flatten the model or choose a layer of the outer model")
-    container = model.get_layer(path[0])
-    inner = keras.Model(container.inputs, [container.get_layer(path[1]).output,
+    if all(len(p) == 1 for p in paths):
+        targets = [model.get_layer(p[0]).output for p in paths]
+        return keras.Model(model.inputs, [*targets, head.input], name="gradcam_features")
+    if any(len(p) != 2 for p in paths) or len({p[0] for p in paths}) != 1:
+        raise ModelLoadError(f"target layers {['/'.join(p) for p in paths]!r} must all be in the "
+                             "outer model or all in one nested sub-model, one level deep; flatten "
+                             "the model or choose layers of the outer model")
+    container = model.get_layer(paths[0][0])
+    inner = keras.Model(container.inputs, [*[container.get_layer(p[1]).output for p in paths],
                                            container.outputs[0]])
     inputs = keras.Input(shape=tuple(model.inputs[0].shape[1:]), dtype=model.inputs[0].dtype)
     x, features = inputs, None
     for layer in _sublayers(model)[:-1]:
         if layer is container:
-            features, x = inner(x)
+            *features, x = inner(x)
         else:
             x = layer(x)
-    return keras.Model(inputs, [features, x], name="gradcam_features")
+    return keras.Model(inputs, [*features, x], name="gradcam_features")
+
+
+def fuse_maps(cams: list[Any]) -> Any:
+    """Per-layer maps (N, h_i, w_i) -> one map on the finest grid: each normalised, upsampled
+    (bilinear), averaged, normalised again. One layer: just normalised."""
+    import tensorflow as tf
+
+    if len(cams) == 1:
+        return normalize_maps(cams[0])
+    size = max((tuple(c.shape[1:3]) for c in cams), key=lambda hw: hw[0] * hw[1])
+    resized = [tf.image.resize(normalize_maps(c)[..., None], size, method="bilinear")[..., 0]
+               for c in cams]
+    return normalize_maps(tf.add_n(resized) / float(len(resized)))
+
+
+def target_layer_names(target_layer: str | Sequence[str]) -> tuple[str, ...]:
+    """``""`` -> (), ``"a"`` -> ("a",), ``["a", "b"]`` -> ("a", "b")."""
+    if isinstance(target_layer, str):
+        return (target_layer,) if target_layer else ()
+    return tuple(name for name in target_layer if name)
 
 
 class GradCam:
-    """Batched probabilities + Grad-CAM maps for ``model`` described by ``meta``."""
+    """Batched probabilities + class activation maps for ``model`` described by ``meta``.
 
-    def __init__(self, model: Any, meta: ModelMeta, target_layer: str = "",
-                 channel_weights: ChannelWeights = gradcam_weights) -> None:
+    ``target_layer``: a layer name, a list of them (maps fused), or "" for the metadata's
+    layer / the last feature map (for ``layercam``: that one and the last layers at the next
+    finer resolutions, :data:`AUTO_LAYER_SCALES` in all). ``method``: a key of :data:`METHODS`, or pass
+    ``channel_weights`` directly.
+    """
+
+    def __init__(self, model: Any, meta: ModelMeta, target_layer: str | Sequence[str] = "",
+                 method: str = "gradcam", channel_weights: ChannelWeights | None = None) -> None:
         import tensorflow as tf
 
+        if channel_weights is None and method not in METHODS:
+            raise ModelLoadError(f"unknown explanation method {method!r}; set [gradcam] method to "
+                                 f"one of {list(METHODS)}")
         self.model = model
         self.meta = meta
-        name = target_layer or meta.target_layer
-        self.target_path = resolve_target_layer(model, name) if name else find_target_layer(model)
-        self.channel_weights = channel_weights
+        self.method = method
+        names = target_layer_names(target_layer)
+        recorded = target_layer_names(meta.target_layer)
+        if names:
+            self.target_paths = [resolve_target_layer(model, name) for name in names]
+        elif method == "layercam" and channel_weights is None:  # from the recorded layer up
+            first = resolve_target_layer(model, recorded[0]) if len(recorded) == 1 else None
+            self.target_paths = find_multiscale_layers(model, first=first)
+        elif recorded:
+            self.target_paths = [resolve_target_layer(model, name) for name in recorded]
+        else:
+            self.target_paths = [find_target_layer(model)]
+        self.channel_weights = channel_weights or METHODS[method]
         self.head, self.activation = _head(model)
         wanted = "sigmoid" if meta.binary else "softmax"
         if self.activation != wanted:
             raise ModelLoadError(f"a {meta.num_classes}-class model must end in {wanted}, this "
                                  f"one ends in {self.activation}")
         try:
-            self.features = _build_feature_model(model, self.target_path)
+            self.features = _build_feature_model(model, self.target_paths)
         except ModelLoadError:
             raise
         except Exception as exc:
             raise ModelLoadError(
-                f"cannot connect Grad-CAM layer {'/'.join(self.target_path)!r} to the model's "
+                f"cannot connect Grad-CAM layer(s) {self.target_layer!r} to the model's "
                 f"output ({type(exc).__name__}: {exc}); choose another [gradcam] target_layer or "
                 "disable Grad-CAM") from exc
         self._cam_fn = tf.function(self._cam_step, reduce_retracing=True)
         self._logit_fn = tf.function(self._logit_step, reduce_retracing=True)
         self._self_check()
-        log.debug("Grad-CAM target layer: %s", "/".join(self.target_path))
+        log.debug("%s target layer(s): %s", method, self.target_layer)
+
+    @property
+    def target_path(self) -> tuple[str, ...]:
+        """The first (coarsest by default) target layer's path."""
+        return self.target_paths[0]
 
     @property
     def target_layer(self) -> str:
-        return "/".join(self.target_path)
+        """The target layer(s) as written in config: ``out_relu`` or ``out_relu, block_13_...``."""
+        return ", ".join("/".join(p) for p in self.target_paths)
 
     # -- math ----------------------------------------------------------------------------
     def _logits(self, head_input: Any) -> Any:
@@ -213,22 +343,31 @@ class GradCam:
         cls = tf.argmax(logits, axis=-1, output_type=tf.int32)  # T > 0 keeps the argmax
         return tf.gather(logits, cls, axis=1, batch_dims=1)
 
+    def _layer_map(self, grads: Any, acts: Any) -> Any:
+        """``sum_k w_k A_k`` for one layer; weights per channel (N, K) or per position (N, h, w, K)."""
+        import tensorflow as tf
+
+        weights = tf.cast(self.channel_weights(grads, acts), acts.dtype)
+        if len(weights.shape) == 2:
+            return tf.einsum("nhwk,nk->nhw", acts, weights)
+        return tf.reduce_sum(acts * weights, axis=-1)
+
     def _cam_step(self, images: Any) -> tuple[Any, Any]:
         import tensorflow as tf
 
         with tf.GradientTape() as tape:
-            acts, head_input = self.features(images, training=False)
-            tape.watch(acts)
+            *acts, head_input = self.features(images, training=False)
+            for a in acts:
+                tape.watch(a)
             logits = self._logits(head_input)
             # Images are independent in inference mode, so d(sum)/dA_i = d(score_i)/dA_i.
             total = tf.reduce_sum(self._predicted_scores(logits))
         grads = tape.gradient(total, acts)
-        weights = self.channel_weights(grads, acts)
-        cams = tf.einsum("nhwk,nk->nhw", acts, tf.cast(weights, acts.dtype))
-        return logits, normalize_maps(cams)
+        cams = [self._layer_map(g, a) for g, a in zip(grads, acts)]
+        return logits, fuse_maps(cams)
 
     def _logit_step(self, images: Any) -> Any:
-        _, head_input = self.features(images, training=False)
+        *_, head_input = self.features(images, training=False)
         return self._logits(head_input)
 
     # -- public --------------------------------------------------------------------------
@@ -247,7 +386,7 @@ class GradCam:
         rng = np.random.default_rng(0)
         x = rng.uniform(0, 255, size=(2, h, w, 3)).astype(np.float32)
         expected = np.asarray(self.model(x, training=False), dtype=np.float64)
-        _, head_input = self.features(x, training=False)
+        *_, head_input = self.features(x, training=False)
         z = np.asarray(self._logits(head_input), dtype=np.float64)
         if self.activation == "sigmoid":
             got = 1.0 / (1.0 + np.exp(-z))

@@ -13,9 +13,12 @@ Each ONNX file takes raw RGB 0-255 float32 NHWC, like the Keras model, and retur
 ``logits`` (N, units: the last Dense layer before its activation) and, when the model's head is
 global-average-pooling -> Dense (so Grad-CAM's channel weights are exactly the Dense weights of
 the explained class), ``class_maps`` (N, h, w, units): the feature map at the Grad-CAM layer
-projected on each unit's Dense weights. The Grad-CAM map of the predicted class is then that
-class's slice (sign-flipped for the negative class of a sigmoid unit), ReLU'd and normalised:
-see :func:`engine.runtime_ort.cams_from_class_maps`.
+projected on each unit's Dense weights, and ``positive_class_maps`` (N, h, w, classes): the
+feature map projected on the positive part of each class's weights (for one sigmoid unit,
+``[ReLU(-w), ReLU(w)]``). The Grad-CAM map of the predicted class is the class map's slice
+(sign-flipped for the negative class of a sigmoid unit), ReLU'd and normalised; the Grad-CAM++
+map the positive map's slice (its closed form for this head): see
+:func:`engine.runtime_ort.cams_from_class_maps` and :func:`~engine.runtime_ort.cams_from_positive_maps`.
 
 This module reads and checks; training/export.py writes. Nothing here imports TensorFlow.
 """
@@ -73,6 +76,13 @@ class ExportManifest:
     @property
     def has_maps(self) -> bool:
         return bool(self.gradcam.get("exact"))
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The ``[gradcam] method`` values the graphs serve (older exports: Grad-CAM only)."""
+        if not self.has_maps:
+            return ()
+        return tuple(self.gradcam.get("methods") or (self.gradcam.get("method") or "gradcam",))
 
     @property
     def int8_ok(self) -> bool:

@@ -78,12 +78,23 @@ def open_runtime(settings: Settings, *, model_path: str | Path | None = None,
     ``need_maps`` (default: pictures are on) makes a runtime that cannot produce exact Grad-CAM
     maps for this model unacceptable: ``auto`` then uses TensorFlow, ``onnxruntime`` refuses.
     """
+    from engine.gradcam import CLOSED_FORM_METHODS
+
     path = Path(model_path or settings.model.path)
     if need_maps is None:
         need_maps = bool(settings.gradcam.active_outputs)
     name = choose_runtime(settings)
+    method = settings.gradcam.method
+    explicit = settings.inference.runtime == "onnxruntime"
+    if name == "onnxruntime" and need_maps and method not in CLOSED_FORM_METHODS:
+        why = (f"[gradcam] method = \"{method}\" needs TensorFlow's gradients at layers below "
+               f"the last feature map; the ONNX export serves {' and '.join(CLOSED_FORM_METHODS)}")
+        if explicit:
+            raise ModelLoadError(f"{why}: use [inference] runtime = \"tensorflow\" (or \"auto\"), "
+                                 "or one of those methods")
+        log.info("%s, so it is served by TensorFlow (slower start and throughput on a CPU)", why)
+        name = "tensorflow"
     if name == "onnxruntime":
-        explicit = settings.inference.runtime == "onnxruntime"
         try:
             from engine.runtime_ort import OrtRuntime
 

@@ -4,7 +4,8 @@
     probs, cams = runtime.run(batch, maps=True)     # same answers as TensorFlow's
 
 The graph returns the logits and, for a global-average-pooling -> Dense head, each unit's class
-map (see :mod:`engine.onnxio`); probabilities and the predicted class's Grad-CAM map are formed
+map and each class's positive-weight map (see :mod:`engine.onnxio`): Grad-CAM and Grad-CAM++ in
+closed form, no gradient needed. Probabilities and the predicted class's map are formed
 here with the same math as :mod:`engine.gradcam` (float64 calibrated probabilities, the
 predicted-class sign rule, ReLU, per-map normalisation).
 """
@@ -46,6 +47,26 @@ def cams_from_class_maps(class_maps: np.ndarray, predicted: np.ndarray, binary: 
     return np.divide(cams, peak, out=np.zeros_like(cams), where=peak > 0).astype(np.float32)
 
 
+def cams_from_positive_maps(positive_maps: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Grad-CAM++ maps (N, h, w) in [0, 1] of the ``predicted`` classes (closed form).
+
+    ``positive_maps[n, :, :, c] = sum_k A[n, :, :, k] * ReLU(v[k, c])`` with ``v`` the explained
+    score's Dense weights (``W[:, c]``; for one sigmoid unit column 0 is ``-w``, column 1 ``+w``).
+    For a GAP head the gradient ``g = v / (h w)`` is the same at every position, so Grad-CAM++'s
+    ``alpha = g^2 / (2 g^2 + sum A g^3)`` is constant over positions and, normalised to sum 1,
+    equals ``1 / (h w)``: the channel weight ``sum_ij alpha ReLU(g)`` is ``ReLU(v) / (h w)``.
+    """
+    maps = np.asarray(positive_maps, np.float32)
+    idx = np.asarray(predicted).reshape(-1, 1, 1, 1)
+    cams = np.maximum(np.take_along_axis(maps, idx, axis=3)[..., 0], 0.0)
+    peak = cams.max(axis=(1, 2), keepdims=True)
+    return np.divide(cams, peak, out=np.zeros_like(cams), where=peak > 0).astype(np.float32)
+
+
+#: method -> the graph output that serves it
+METHOD_OUTPUTS = {"gradcam": "class_maps", "gradcampp": "positive_class_maps"}
+
+
 def choose_precision(requested: str, manifest: ExportManifest) -> str:
     """``auto`` -> int8 when its recorded check passed, else fp32; ``int8`` must have passed."""
     if requested == "fp32":
@@ -66,8 +87,9 @@ class OrtRuntime:
     name = "onnxruntime"
 
     def __init__(self, session, meta: ModelMeta, precision: str, has_maps: bool,
-                 source: Path) -> None:
+                 source: Path, method: str = "gradcam") -> None:
         self.session = session
+        self.method = method
         self.meta = meta
         self.precision = precision
         self.has_maps = has_maps
@@ -76,6 +98,10 @@ class OrtRuntime:
         self.output_names = [o.name for o in session.get_outputs()]
         if "logits" not in self.output_names:
             raise ModelLoadError(f"{source} has no 'logits' output; "
+                                 + HOW_TO_EXPORT.format(model=source))
+        if has_maps and METHOD_OUTPUTS.get(method) not in self.output_names:
+            raise ModelLoadError(f"{source} cannot serve [gradcam] method = \"{method}\" (no "
+                                 f"{METHOD_OUTPUTS.get(method, method)!r} output); "
                                  + HOW_TO_EXPORT.format(model=source))
 
     @classmethod
@@ -96,12 +122,17 @@ class OrtRuntime:
                 "this model's head has no exact Grad-CAM in the ONNX export ("
                 f"{manifest.gradcam.get('reason', 'not exported')}); serve it with TensorFlow "
                 "([inference] runtime = \"tensorflow\") or without pictures (--no-gradcam)")
-        if settings.gradcam.target_layer and manifest.gradcam.get("target_layer") not in (
-                None, settings.gradcam.target_layer):
+        wanted = settings.gradcam.target_layers
+        if len(wanted) > 1 or (wanted and manifest.gradcam.get("target_layer") not in (None, *wanted)):
             raise ModelLoadError(
                 f"[gradcam] target_layer = {settings.gradcam.target_layer!r} but the ONNX export "
                 f"explains {manifest.gradcam.get('target_layer')!r}; clear target_layer, or use "
                 "[inference] runtime = \"tensorflow\"")
+        method = settings.gradcam.method
+        if need_maps and method not in manifest.methods:
+            raise ModelLoadError(
+                f"the ONNX export beside {model_path} serves {', '.join(manifest.methods)}, not "
+                f"[gradcam] method = \"{method}\"; " + HOW_TO_EXPORT.format(model=model_path))
         precision = choose_precision(settings.inference.precision, manifest)
         read_manifest(model_path, meta, verify=(precision,))  # the file we load is the one checked
         if precision == "int8" and manifest.int8_temperature:
@@ -118,17 +149,26 @@ class OrtRuntime:
         except Exception as exc:  # onnxruntime raises its own types for a corrupt file
             raise ModelLoadError(f"cannot load {onnx_path} ({type(exc).__name__}: {exc}); "
                                  + HOW_TO_EXPORT.format(model=model_path)) from exc
-        return cls(session, meta, precision, manifest.has_maps, onnx_path)
+        served = manifest.has_maps and method in manifest.methods  # else: probabilities only
+        return cls(session, meta, precision, served, onnx_path, method)
+
+    def with_method(self, method: str) -> "OrtRuntime":
+        """The same session explaining with ``method`` (one of :data:`METHOD_OUTPUTS`)."""
+        return type(self)(self.session, self.meta, self.precision, self.has_maps, self.source,
+                          method)
 
     def run(self, images: np.ndarray, maps: bool) -> tuple[np.ndarray, np.ndarray | None]:
         batch = np.asarray(images, dtype=np.float32)
-        want = ["logits", "class_maps"] if maps and self.has_maps else ["logits"]
+        want = ["logits", METHOD_OUTPUTS[self.method]] if maps and self.has_maps else ["logits"]
         outputs = self.session.run(want, {self.input_name: batch})
         probs = calibrated_probabilities(outputs[0], self.meta)
         if len(outputs) == 1:
             return probs, None
         predicted = self.meta.predicted_indices(probs)
+        if self.method == "gradcampp":
+            return probs, cams_from_positive_maps(outputs[1], predicted)
         return probs, cams_from_class_maps(outputs[1], predicted, self.meta.binary)
 
     def describe(self) -> str:
-        return f"onnxruntime {self.precision} (CPU, {self.source.name})"
+        maps = f", {self.method}" if self.has_maps else ""
+        return f"onnxruntime {self.precision} (CPU, {self.source.name}{maps})"

@@ -1,9 +1,10 @@
-"""The TensorFlow runtime: the .keras model and Grad-CAM with TensorFlow's gradients.
+"""The TensorFlow runtime: the .keras model and its maps with TensorFlow's gradients.
 
     runtime = TfRuntime.open(Path("models/cat_dog_model.keras"), settings)
     probs, cams = runtime.run(batch, maps=True)
 
-The GPU path (``[device]``) and the reference the ONNX runtime is checked against.
+The GPU path (``[device]``), the path of the methods that need gradients below the last
+feature map (``layercam``), and the reference the ONNX runtime is checked against.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ class TfRuntime:
         with tf.device(self.device):
             self.loaded = loaded
             self.meta = loaded.meta
-            self.cam = GradCam(loaded.model, loaded.meta, settings.gradcam.target_layer)
+            self.cam = GradCam(loaded.model, loaded.meta, settings.gradcam.target_layers,
+                               method=settings.gradcam.method)
 
     @classmethod
     def open(cls, path: Path, settings: Settings) -> "TfRuntime":
@@ -47,4 +49,5 @@ class TfRuntime:
             return self.cam.probabilities(batch), None
 
     def describe(self) -> str:
-        return f"tensorflow fp32 ({self.device.strip('/')}, Grad-CAM layer {self.cam.target_layer})"
+        return (f"tensorflow fp32 ({self.device.strip('/')}, {self.cam.method} at "
+                f"{self.cam.target_layer})")

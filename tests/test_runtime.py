@@ -27,10 +27,11 @@ SIZE = 32
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _settings(model_path: Path, **inference) -> Settings:
+def _settings(model_path: Path, method: str = "gradcam", **inference) -> Settings:
     s = load_settings(None)
     return replace(s, model=replace(s.model, path=model_path),
-                   inference=replace(s.inference, **inference))
+                   inference=replace(s.inference, **inference),
+                   gradcam=replace(s.gradcam, method=method))
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
@@ -76,12 +77,16 @@ def softmax_export(tmp_path_factory):
     return path, _export(path, int8=False)
 
 
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp"])
 @pytest.mark.parametrize("which", ["binary_export", "softmax_export"])
-def test_ort_fp32_equals_tensorflow(request, which):
+def test_ort_fp32_equals_tensorflow(request, which, method):
     path, manifest = request.getfixturevalue(which)
     assert manifest.has_maps and manifest.checks["fp32"]["max_prob_diff"] <= 1e-5
-    settings = _settings(path, runtime="onnxruntime", precision="fp32")
+    assert manifest.methods == ("gradcam", "gradcampp")
+    assert manifest.checks["fp32"]["max_map_diff_gradcampp"] <= 1e-3
+    settings = _settings(path, method, runtime="onnxruntime", precision="fp32")
     ort = open_runtime(settings)
+    assert ort.method == method
     tf = TfRuntime.open(path, settings)
     assert isinstance(ort, OrtRuntime) and ort.precision == "fp32"
     x = _images(24, seed=7)
@@ -105,13 +110,14 @@ def test_sign_rule_explains_the_negative_class(tmp_path):
         head.set_weights([kernel, np.full_like(bias, b)])
         path = _save(tmp_path / f"b{b}", model)
         _export(path, int8=False)
-        settings = _settings(path, runtime="onnxruntime", precision="fp32")
-        p_ort, m_ort = open_runtime(settings).run(x, maps=True)
-        p_tf, m_tf = TfRuntime.open(path, settings).run(x, maps=True)
-        predicted = (p_tf[:, 1] >= 0.5).astype(int)
-        assert set(predicted) == {0 if b < 0 else 1}
-        np.testing.assert_allclose(m_ort, m_tf, atol=1e-3)
-        assert (m_ort.max(axis=(1, 2)) > 0).any()
+        for method in ("gradcam", "gradcampp"):
+            settings = _settings(path, method, runtime="onnxruntime", precision="fp32")
+            p_ort, m_ort = open_runtime(settings).run(x, maps=True)
+            p_tf, m_tf = TfRuntime.open(path, settings).run(x, maps=True)
+            predicted = (p_tf[:, 1] >= 0.5).astype(int)
+            assert set(predicted) == {0 if b < 0 else 1}
+            np.testing.assert_allclose(m_ort, m_tf, atol=1e-3)
+            assert (m_ort.max(axis=(1, 2)) > 0).any()
 
 
 def test_cams_from_class_maps_closed_form():
@@ -161,6 +167,35 @@ def _flatten_head_model():
     x = keras.layers.Flatten()(x)
     outputs = keras.layers.Dense(1, activation="sigmoid", name="head")(x)
     return keras.Model(inputs, outputs)
+
+
+def test_cams_from_positive_maps_closed_form():
+    from engine.runtime_ort import cams_from_positive_maps
+    from training.export import positive_weights
+
+    np.testing.assert_array_equal(positive_weights(np.array([[2.0], [-1.0]])),
+                                  [[0.0, 2.0], [1.0, 0.0]])  # columns: class 0 (-w), class 1 (+w)
+    maps = np.array([[[[4.0, 1.0], [2.0, 0.0]]]], np.float32)  # (1, 1, 2, 2)
+    np.testing.assert_allclose(cams_from_positive_maps(maps, np.array([0]))[0], [[1.0, 0.5]])
+    np.testing.assert_allclose(cams_from_positive_maps(maps, np.array([1]))[0], [[1.0, 0.0]])
+
+
+def test_method_that_needs_gradients_goes_to_tensorflow_or_is_refused(binary_export, caplog):
+    path, _ = binary_export
+    with pytest.raises(ModelLoadError, match="layercam.*TensorFlow's gradients.*tensorflow"):
+        open_runtime(_settings(path, "layercam", runtime="onnxruntime"))
+    with caplog.at_level("INFO", logger="engine.runtime"):
+        runtime = open_runtime(_settings(path, "layercam", runtime="auto",
+                                         precision="fp32"))
+    assert runtime.name == "tensorflow" and runtime.cam.method == "layercam"
+    assert "needs TensorFlow's gradients" in caplog.text
+    _, maps = runtime.run(_images(2), maps=True)
+    assert maps.shape[0] == 2 and maps.max() <= 1.0
+    # no pictures: ONNX Runtime still serves the probabilities
+    s = _settings(path, "layercam", runtime="onnxruntime")
+    probs_only = open_runtime(replace(s, gradcam=replace(s.gradcam, enabled=False)))
+    assert probs_only.name == "onnxruntime" and not probs_only.has_maps
+    assert probs_only.run(_images(2), maps=True)[1] is None
 
 
 def test_head_without_exact_maps_falls_back_or_refuses(tmp_path):

@@ -166,12 +166,42 @@ def test_engine_loads_trained_model_and_predicts(binary_run):
 def test_evaluate_command_writes_report(binary_run, tmp_path):
     _, data, run, _ = binary_run
     rc = pawcam(["evaluate", "--data", str(data), "--model", str(run / "model.keras"),
-                 "--out", str(tmp_path)])
+                 "--out", str(tmp_path), "--faithfulness", "6"])
     assert rc == 0
     ev = json.loads((tmp_path / "model_report" / "evaluation.json").read_text())
     assert ev["metrics"]["n"] == 12
     assert len(ev["metrics"]["confusion_matrix"]) == 2
     assert (tmp_path / "model.md").is_file()
+    # every method scored on the same 6 photos; the curves start at the photo itself
+    faith = ev["faithfulness"]
+    assert list(faith) == ["gradcam", "gradcampp", "layercam"]
+    for method, f in faith.items():
+        assert f["images"] == 6 and 0 <= f["keep_top_win_rate"] <= 1
+        assert len(f["curves"]["deletion"]) == 11 and len(f["curves"]["road_morf"]) == 4
+        assert f["curves"]["deletion"][0] == pytest.approx(f["curves"]["insertion"][-1])
+    assert "tensorflow" in faith["layercam"]["maps_by"]
+    card = (tmp_path / "model.md").read_text()
+    assert "## Explanations" in card and "| `gradcampp` |" in card
+    assert (tmp_path / "model_report" / "faithfulness.png").stat().st_size > 1000
+    assert pawcam(["evaluate", "--data", str(data), "--model", str(run / "model.keras"),
+                   "--out", str(tmp_path), "--methods", "gradcam,nope"]) != 0
+
+
+def test_method_figure(binary_run, tmp_path):
+    from engine.config import load_settings, replace
+    from training.explanations import main
+
+    _, data, run, _ = binary_run
+    photos = sorted((data / "test" / "cat").glob("cat_00[01].jpg"))
+    out = tmp_path / "fig.jpg"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[model]\npath = "{run / "model.keras"}"\n')
+    assert main([*map(str, photos), "--out", str(out), "--config", str(cfg),
+                 "--methods", "gradcam,layercam"]) == 0
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert im.size == (3 * 256, 2 * 256 * 40 // 48)  # photo + 2 overlays; 48x40 photos
 
 
 def test_three_classes_softmax(tmp_path):

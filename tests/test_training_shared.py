@@ -62,3 +62,28 @@ def test_shipped_int8_is_within_two_tenths_of_a_point_of_fp32(shared_dir):
                                               gallery_size=0).metrics["accuracy"]
     assert accuracy["fp32"] >= 0.985, accuracy
     assert accuracy["int8"] >= accuracy["fp32"] - 0.002, accuracy
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp"])
+def test_shipped_export_serves_each_closed_form_method_equal_to_tensorflow(shared_dir, method):
+    """16 real test photos: ONNX Runtime fp32's maps equal TensorFlow's within 1e-3."""
+    from engine.config import replace
+    from engine.decode import load_model_input
+    from engine.runtime import open_runtime
+
+    if not MODEL.is_file():
+        pytest.skip(f"{MODEL} is absent")
+    s = load_settings(None)
+    s = replace(s, model=replace(s.model, path=MODEL),
+                gradcam=replace(s.gradcam, method=method))
+    ort = open_runtime(replace(s, inference=replace(s.inference, runtime="onnxruntime",
+                                                    precision="fp32")))
+    tf = open_runtime(replace(s, inference=replace(s.inference, runtime="tensorflow")))
+    files = sorted((shared_dir / "dataset" / "test" / "cat").glob("*.jpg"))[:8] + \
+        sorted((shared_dir / "dataset" / "test" / "dog").glob("*.jpg"))[:8]
+    x = np.stack([load_model_input(f, input_size=(224, 224), max_pixels=40_000_000,
+                                   max_bytes=100_000_000) for f in files])
+    (p_ort, m_ort), (p_tf, m_tf) = ort.run(x, maps=True), tf.run(x, maps=True)
+    assert ort.method == method and tf.cam.method == method
+    np.testing.assert_allclose(p_ort, p_tf, atol=1e-5)
+    np.testing.assert_allclose(m_ort, m_tf, atol=1e-3)

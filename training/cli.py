@@ -5,6 +5,7 @@
     pawcam train --data DIR --install never --run-dir runs/try1
     pawcam evaluate --data ../shared/dataset              # DIR/test, or DIR/<class>/ directly
     pawcam evaluate --data photos/ --model runs/x/model.keras --out /tmp/report
+    pawcam evaluate --data ../shared/dataset --faithfulness 50 --methods gradcam,gradcampp
 """
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import argparse
 import logging
 from pathlib import Path
 
-from engine.config import Settings
+from engine.config import CAM_METHODS, Settings
+from engine.errors import ConfigError
 from engine.modelio import read_meta
 from engine.runtime import open_runtime
-from training.config import INSTALL_POLICIES
+from training.config import INSTALL_POLICIES, training_settings
 
 log = logging.getLogger("pawcam.training")
 
@@ -54,6 +56,11 @@ def register_evaluate(subparsers, parent) -> None:
                    help="write the card and report here instead of beside the model")
     p.add_argument("--gallery", type=int, default=12, metavar="N",
                    help="how many most-confidently-wrong images to show (default 12)")
+    p.add_argument("--faithfulness", type=int, default=None, metavar="N",
+                   help="photos of the seeded sample that score the explanation methods "
+                        "(default: [training] faithfulness_images; 0 = skip)")
+    p.add_argument("--methods", default=None, metavar="M[,M]",
+                   help="explanation methods to score (default: [training] faithfulness_methods)")
     p.set_defaults(func=run_evaluate)
 
 
@@ -124,6 +131,18 @@ def run_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     runtime = open_runtime(settings, model_path=model_path, need_maps=args.gallery > 0)
     folder = resolve_split(args.data, args.split)
     evaluation = evaluate_folder(settings, runtime, folder, max(0, args.gallery))
+    cfg = training_settings(settings)
+    count = cfg.faithfulness_images if args.faithfulness is None else max(0, args.faithfulness)
+    methods = (cfg.faithfulness_methods if args.methods is None else
+               tuple(m.strip() for m in args.methods.split(",") if m.strip()))
+    unknown = [m for m in methods if m not in CAM_METHODS]
+    if unknown:
+        raise ConfigError(f"--methods: unknown method(s) {unknown}; choose from {list(CAM_METHODS)}")
+    if count and methods:
+        from training.explanations import score_methods
+
+        evaluation.faithfulness = score_methods(settings, runtime, folder, methods, count,
+                                                cfg.seed, model_path)
     target = Path(model_path) if args.out is None else Path(args.out) / Path(model_path).name
     target.parent.mkdir(parents=True, exist_ok=True)
     card = write_report(target, read_meta(model_path), evaluation)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.config import Settings, build_section
+from engine.config import CAM_METHODS, Settings, build_section
 from engine.errors import ConfigError
 
 INSTALL_POLICIES = ("if_better", "always", "never")
@@ -61,6 +61,11 @@ class TrainingSettings:
     # -- calibration / report -------------------------------------------------------------
     calibrate: bool = True
     gallery_size: int = 12
+    #: `pawcam evaluate`: photos of a seeded test sample that score the explanation methods
+    #: (deletion/insertion, ROAD, keep-top-20%-vs-random); 0 = skip
+    faithfulness_images: int = 200
+    #: the methods scored (each one's maps by the runtime that serves it)
+    faithfulness_methods: tuple[str, ...] = ("gradcam", "gradcampp", "layercam")
     # -- outputs --------------------------------------------------------------------------
     output_dir: Path = Path("runs")
     install_to: Path = Path("models/cat_dog_model.keras")
@@ -93,6 +98,10 @@ class TrainingSettings:
         _check(0 <= self.gallery_size <= 200, where, "gallery_size", "must be between 0 and 200")
         _check(self.fine_tune_schedule in SCHEDULES, where, "fine_tune_schedule",
                f"must be one of {list(SCHEDULES)}")
+        _check(0 <= self.faithfulness_images <= 100_000, where, "faithfulness_images",
+               "must be between 0 and 100000")
+        _check(all(m in CAM_METHODS for m in self.faithfulness_methods), where,
+               "faithfulness_methods", f"must list methods of {list(CAM_METHODS)}")
         _check(self.install in INSTALL_POLICIES, where, "install",
                f"must be one of {list(INSTALL_POLICIES)}")
         _check(self.install_to.suffix == ".keras", where, "install_to", "must end in .keras")

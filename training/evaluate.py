@@ -58,6 +58,8 @@ class Evaluation:
     skipped: list[Skipped] = field(default_factory=list)
     gallery: list[GalleryItem] = field(default_factory=list)
     seconds: float = 0.0
+    #: {method: faithfulness numbers} (training/explanations.py); empty when not scored
+    faithfulness: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -71,6 +73,7 @@ class Evaluation:
                 {"path": g.path, "true": g.true_label, "predicted": g.predicted,
                  "confidence": g.confidence} for g in self.gallery],
             "seconds": self.seconds,
+            "faithfulness": self.faithfulness,
         }
 
 

@@ -6,11 +6,12 @@
 
 Steps, each a function:
 
-1. :func:`serving_graph` -- the model's own layers up to the Grad-CAM feature map, with two
+1. :func:`serving_graph` -- the model's own layers up to the Grad-CAM feature map, with
    outputs: ``logits`` (the last Dense layer without its activation) and, when the head is
    global-average-pooling -> Dense (checked numerically: the Dense input equals the mean of the
    feature map), ``class_maps`` = the feature map projected on the Dense weights (a 1x1
-   convolution), which is exactly what Grad-CAM needs (see :mod:`engine.onnxio`).
+   convolution), which is exactly what Grad-CAM needs, and ``positive_class_maps`` (projected
+   on :func:`positive_weights`), exactly what Grad-CAM++ needs (see :mod:`engine.onnxio`).
 2. Keras' own ONNX export (``model.export(format="onnx")``) writes the fp32 file.
 3. :func:`check_fp32` -- ONNX Runtime's probabilities and maps against TensorFlow's Grad-CAM.
 4. :func:`quantize_int8` -- ONNX Runtime static quantization (QDQ, per-channel weights),
@@ -37,7 +38,7 @@ import numpy as np
 from engine.config import Settings
 from engine.decode import load_model_input
 from engine.errors import ConfigError, ImageError, ModelLoadError
-from engine.gradcam import GradCam
+from engine.gradcam import CLOSED_FORM_METHODS, GradCam
 from engine.modelio import LoadedModel, ModelMeta, file_sha256, load_model
 from engine.onnxio import ExportManifest, manifest_path_for, onnx_path_for
 from engine.runtime_ort import OrtRuntime, cams_from_class_maps
@@ -97,11 +98,25 @@ def serving_graph(loaded: LoadedModel, target_layer: str = "") -> tuple[Any, dic
         project = keras.layers.Conv2D(units, 1, use_bias=False, name="class_maps")
         outputs["class_maps"] = project(acts)
         project.set_weights([kernel.reshape(1, 1, k, units)])
+        positive = positive_weights(kernel)
+        project_pp = keras.layers.Conv2D(positive.shape[1], 1, use_bias=False,
+                                         name="positive_class_maps")
+        outputs["positive_class_maps"] = project_pp(acts)
+        project_pp.set_weights([positive.reshape(1, 1, k, positive.shape[1])])
         info["exact"] = True
-        info["method"] = "gradcam"
+        info["methods"] = list(CLOSED_FORM_METHODS)
     model = keras.Model(image, outputs, name="pawcam_serving")
     model(np.zeros((1, h, w, 3), np.float32))  # Keras exports only a model that was called
     return model, info
+
+
+def positive_weights(kernel: np.ndarray) -> np.ndarray:
+    """Grad-CAM++'s closed-form channel weights per class for a GAP -> Dense head (up to 1/(h w)):
+    ``ReLU(W)``; one sigmoid unit explains class 0 with ``-w``: ``[ReLU(-w), ReLU(w)]``."""
+    kernel = np.asarray(kernel, np.float32)
+    if kernel.shape[1] == 1:
+        return np.maximum(np.concatenate([-kernel, kernel], axis=1), 0.0)
+    return np.maximum(kernel, 0.0)
 
 
 def _gap_dense_reason(cam: GradCam, kernel: np.ndarray | None, meta: ModelMeta) -> str:
@@ -118,6 +133,16 @@ def _gap_dense_reason(cam: GradCam, kernel: np.ndarray | None, meta: ModelMeta) 
     if not np.allclose(acts.mean(axis=(1, 2)), head_input, rtol=1e-4, atol=1e-5):
         return "the layers between the Grad-CAM layer and the Dense head are not a global average pool"
     return ""
+
+
+def export_layer(settings: Settings) -> str:
+    """The one layer the export explains: ``[gradcam] target_layer`` when it names one layer,
+    else "" (automatic: the last feature map; a list is for TensorFlow's multi-layer methods)."""
+    layers = settings.gradcam.target_layers
+    if len(layers) > 1:
+        log.info("[gradcam] target_layer lists %d layers: the ONNX export explains the last "
+                 "feature map (closed-form methods); the list is served by TensorFlow", len(layers))
+    return layers[0] if len(layers) == 1 else ""
 
 
 # -- 2-5. files and checks ------------------------------------------------------------------
@@ -152,20 +177,26 @@ def _decode_batches(paths: Sequence[Path], settings: Settings, meta: ModelMeta,
 
 
 def check_fp32(loaded: LoadedModel, runtime: OrtRuntime, images: np.ndarray,
-               target_layer: str = "") -> dict[str, Any]:
-    """Largest differences between ONNX Runtime fp32 and TensorFlow (probabilities, maps)."""
-    cam = GradCam(loaded.model, loaded.meta, target_layer)
-    prob_diff, map_diff = 0.0, 0.0
-    for start in range(0, len(images), 16):
-        x = images[start:start + 16]
-        tf_probs, tf_maps = cam(x)
-        ort_probs, ort_maps = runtime.run(x, maps=runtime.has_maps)
-        prob_diff = max(prob_diff, float(np.abs(tf_probs - ort_probs).max()))
-        if ort_maps is not None:
-            map_diff = max(map_diff, float(np.abs(tf_maps - ort_maps).max()))
-    result = {"images": int(len(images)), "max_prob_diff": prob_diff}
-    if runtime.has_maps:
-        result["max_map_diff"] = map_diff
+               target_layer: str = "", methods: Sequence[str] = CLOSED_FORM_METHODS
+               ) -> dict[str, Any]:
+    """Largest differences between ONNX Runtime fp32 and TensorFlow (probabilities, and the
+    maps of each method: ``max_map_diff`` for Grad-CAM, ``max_map_diff_<method>`` else)."""
+    prob_diff = 0.0
+    result: dict[str, Any] = {"images": int(len(images))}
+    for method in methods if runtime.has_maps else methods[:1]:
+        cam = GradCam(loaded.model, loaded.meta, target_layer, method=method)
+        ort = runtime.with_method(method)
+        map_diff = 0.0
+        for start in range(0, len(images), 16):
+            x = images[start:start + 16]
+            tf_probs, tf_maps = cam(x)
+            ort_probs, ort_maps = ort.run(x, maps=runtime.has_maps)
+            prob_diff = max(prob_diff, float(np.abs(tf_probs - ort_probs).max()))
+            if ort_maps is not None:
+                map_diff = max(map_diff, float(np.abs(tf_maps - ort_maps).max()))
+        if runtime.has_maps:
+            result["max_map_diff" if method == "gradcam" else f"max_map_diff_{method}"] = map_diff
+    result["max_prob_diff"] = prob_diff
     return result
 
 
@@ -310,7 +341,8 @@ def export_model(model_path: Path, settings: Settings, *, data: Path | None = No
     model_path = Path(model_path)
     loaded = load_model(model_path)
     meta = loaded.meta
-    graph, gradcam = serving_graph(loaded, settings.gradcam.target_layer)
+    layer = export_layer(settings)
+    graph, gradcam = serving_graph(loaded, layer)
     fp32_path = onnx_path_for(model_path, "fp32")
     write_onnx(graph, fp32_path)
     files = {"fp32": {"file": fp32_path.name, "sha256": file_sha256(fp32_path)}}
@@ -325,12 +357,11 @@ def export_model(model_path: Path, settings: Settings, *, data: Path | None = No
         h, w = meta.input_size
         check_images = np.random.default_rng(0).uniform(
             0, 255, (16, h, w, 3)).astype(np.float32)
-    checks: dict[str, Any] = {"fp32": check_fp32(loaded, fp32, check_images,
-                                                 settings.gradcam.target_layer)}
+    checks: dict[str, Any] = {"fp32": check_fp32(loaded, fp32, check_images, layer)}
     log.info("fp32 ONNX vs TensorFlow on %d images: max probability difference %.2g%s",
              checks["fp32"]["images"], checks["fp32"]["max_prob_diff"],
-             f", max map difference {checks['fp32']['max_map_diff']:.2g}"
-             if "max_map_diff" in checks["fp32"] else "")
+             "".join(f", {k} {v:.2g}" for k, v in checks["fp32"].items()
+                     if k.startswith("max_map_diff")))
     int8_temperature = None
     int8_path = onnx_path_for(model_path, "int8")
     if not int8:

@@ -143,6 +143,67 @@ def plot_reliability(before: dict[str, list], after: dict[str, list], ece_before
     plt.close(fig)
 
 
+def plot_faithfulness(scores: dict[str, Any], path: Path) -> None:
+    """Averaged deletion, insertion and ROAD curves, one line per method."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for method, s in scores.items():
+        c = s["curves"]
+        axes[0].plot(c["fractions"], c["deletion"], marker=".",
+                     label=f"{method} (AUC {s['deletion_auc']:.3f})")
+        axes[1].plot(c["fractions"], c["insertion"], marker=".",
+                     label=f"{method} (AUC {s['insertion_auc']:.3f})")
+        line, = axes[2].plot(c["road_fractions"], c["road_morf"], marker="v",
+                             label=f"{method} MoRF")
+        axes[2].plot(c["road_fractions"], c["road_lerf"], marker="^", linestyle="--",
+                     color=line.get_color(), label=f"{method} LeRF (gap {s['road_gap']:.3f})")
+    titles = ("Deletion (most relevant first; lower is better)",
+              "Insertion (most relevant first; higher is better)",
+              "ROAD, noisy linear imputation")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("fraction of pixels removed" if ax is not axes[1] else "fraction inserted")
+        ax.set_ylabel("P(explained class)")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def faithfulness_lines(scores: dict[str, Any]) -> list[str]:
+    """The Markdown table of the methods' faithfulness numbers (model card, README)."""
+    n = next(iter(scores.values()))["images"]
+    lines = [
+        f"Scored on a seeded sample of {n} photos, probability of the explained (predicted) "
+        "class; each perturbed photo answered by the served model.",
+        "",
+        "| method | keep top 20 % beats random 20 % of 7x7 cells | drop, top 20 % / random | "
+        "deletion AUC ↓ | insertion AUC ↑ | ROAD MoRF ↓ / LeRF ↑ | ROAD gap ↑ | maps by |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method, s in scores.items():
+        lines.append(
+            f"| `{method}` | {100 * s['keep_top_win_rate']:.1f} % | {s['keep_top_drop']:.3f} / "
+            f"{s['keep_random_drop']:.3f} | {s['deletion_auc']:.3f} | {s['insertion_auc']:.3f} | "
+            f"{s['road_morf']:.3f} / {s['road_lerf']:.3f} | {s['road_gap']:.3f} | "
+            f"{s.get('maps_by', '')} |")
+    lines += [
+        "",
+        "- *keep top vs random*: keep only the 20 % of pixels the map ranks highest (the rest: "
+        "the photo's mean colour) vs a random 20 % of the 7x7 cells; the share of photos where "
+        "the map's region keeps the class strictly better, and the mean drop of its probability.",
+        "- *deletion / insertion*: pixels removed from the photo (added to a blurred copy) in map "
+        "order, 10 steps; removed pixels take a heavily blurred copy's values, which keeps colours "
+        "and layout so the curve measures lost detail rather than the shock of flat patches.",
+        "- *ROAD*: the most (MoRF) or least (LeRF) relevant 20/40/60/80 % of pixels replaced by "
+        "noisy linear imputation from their neighbours (no tell-tale edges); gap = mean LeRF - "
+        "MoRF.",
+    ]
+    return lines
+
+
 def write_report(model_path: Path, meta: ModelMeta, evaluation: Any) -> Path:
     """Write the report folder and the card beside ``model_path``; returns the card path."""
     model_path = Path(model_path)
@@ -161,6 +222,8 @@ def write_report(model_path: Path, meta: ModelMeta, evaluation: Any) -> Path:
     plot_reliability(data["reliability_before"], data["reliability_after"],
                      m["ece_uncalibrated"], m["ece"], folder / "reliability_diagram.png")
     plots["reliability diagram"] = "reliability_diagram.png"
+    if data.get("faithfulness"):
+        plot_faithfulness(data["faithfulness"], folder / "faithfulness.png")
     wrong_dir = folder / "wrong"
     for old in wrong_dir.glob("*") if wrong_dir.is_dir() else []:
         old.unlink()
@@ -248,6 +311,10 @@ def render_card(model_path: Path, meta: ModelMeta, data: dict[str, Any],
         lines += ["Files of this set that could not be read (not counted above):", ""]
         lines += [f"- `{s['path']}`: {s['message']} ({s['code']})" for s in data["skipped"][:50]]
         lines.append("")
+    if data.get("faithfulness"):
+        lines += ["## Explanations: how faithful is each method", ""]
+        lines += faithfulness_lines(data["faithfulness"])
+        lines += ["", f"![faithfulness curves]({rel}/faithfulness.png)", ""]
     wrong = data["most_confidently_wrong"]
     lines += ["## Most confidently wrong", ""]
     if wrong:
