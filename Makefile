@@ -42,7 +42,7 @@ train: setup          ## retrain the shipped model on ../shared/dataset + ../sha
 	$(BIN)/pawcam train --data ../shared/dataset --data ../shared/dataset-extra
 
 export: setup         ## regenerate the shipped model's ONNX copies (fp32, int8) and their checks
-	$(BIN)/pawcam export --data ../shared/dataset
+	$(BIN)/pawcam export --data ../shared/dataset --data ../shared/dataset-extra
 
 # The README's side-by-side figure of the explanation methods: three cats on a blanket, two
 # puppies in a box, a small dog far away on a lawn, a small cat on a cat tree.

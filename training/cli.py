@@ -74,9 +74,10 @@ def register_export(subparsers, parent) -> None:
                     "is then never served.")
     p.add_argument("--model", type=Path, default=None, metavar="PATH",
                    help="model to export (default: [model] path)")
-    p.add_argument("--data", type=Path, default=None, metavar="DIR",
-                   help="dataset folder with train/<class>/ for int8 calibration (default: the "
-                        "folder recorded in the model's metadata)")
+    p.add_argument("--data", type=Path, default=None, metavar="DIR", action="append",
+                   help="dataset folder with train/<class>/ for int8 calibration and its check; "
+                        "repeat it as for `pawcam train` (default: the folders recorded in the "
+                        "model's metadata)")
     p.add_argument("--no-int8", action="store_true", help="export fp32 only")
     p.set_defaults(func=run_export)
 
@@ -108,7 +109,7 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _export_after_training(model_path: Path, data: Path, settings: Settings) -> None:
+def _export_after_training(model_path: Path, data: list[Path], settings: Settings) -> None:
     """The compiled copies the CPU runtime serves, beside the model training left behind."""
     from training.export import export_model
 

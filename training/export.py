@@ -42,7 +42,7 @@ from engine.gradcam import CLOSED_FORM_METHODS, GradCam
 from engine.modelio import LoadedModel, ModelMeta, file_sha256, load_model
 from engine.onnxio import ExportManifest, manifest_path_for, onnx_path_for
 from engine.runtime_ort import OrtRuntime, cams_from_class_maps
-from training.dataset import scan_split, stratified_split
+from training.dataset import scan_sources, stratified_split
 
 log = logging.getLogger("pawcam.export")
 
@@ -303,32 +303,49 @@ def check_int8(fp32: OrtRuntime, int8: OrtRuntime, data: ExportData, settings: S
 
 
 # -- the data -------------------------------------------------------------------------------
-def export_data(meta: ModelMeta, data: Path | None, *, calibration_images: int = CALIBRATION_IMAGES,
-                seed: int = 0) -> ExportData | None:
-    """The training photos of ``data`` (default: the folder the model was trained on).
+def export_data(meta: ModelMeta, data: Path | Sequence[Path] | None, *,
+                calibration_images: int = CALIBRATION_IMAGES, seed: int = 0) -> ExportData | None:
+    """The training photos of ``data`` (default: the folders the model was trained on).
 
-    The validation split is rebuilt with the seed and fraction recorded in the metadata, so the
-    int8 check runs on photos the model did not train on. None when no folder is available.
+    The validation split is rebuilt as training built it (the same folders listed by
+    :func:`training.dataset.scan_sources`, the seed and fraction recorded in the metadata), so
+    the int8 check runs on photos the model did not train on (exactly so when no training photo
+    was skipped as unreadable). None when the folders are not available.
     """
-    recorded = (meta.extra.get("data") or {})
-    folder = Path(data) if data else (Path(recorded["root"]) if recorded.get("root") else None)
-    if folder is None or not folder.is_dir():
+    recorded = meta.extra.get("data") or {}
+    if data:
+        roots = [Path(d) for d in ([data] if isinstance(data, (str, Path)) else data)]
+    elif recorded.get("sources"):
+        roots = [Path(src["root"]) for src in recorded["sources"]]
+    elif recorded.get("root"):
+        roots = [Path(recorded["root"])]
+    else:
         return None
-    train_dir = folder / "train" if (folder / "train").is_dir() else folder
-    layout = scan_split(train_dir, meta.class_names)
-    labels = np.asarray(layout.labels)
+    if not all((r / "train").is_dir() for r in roots):
+        return None
+    try:
+        found = scan_sources(roots)
+    except ConfigError as exc:
+        log.warning("export: cannot list the training photos (%s)", exc)
+        return None
+    if tuple(found.class_names) != tuple(meta.class_names):
+        log.warning("export: the data folders' classes %s are not the model's %s",
+                    list(found.class_names), list(meta.class_names))
+        return None
+    labels = np.asarray(found.labels)
     fraction = float(recorded.get("validation_fraction", 0.1))
     split_seed = int(meta.extra.get("seed", seed))
     train_idx, val_idx = stratified_split(labels, fraction, split_seed)
     rng = np.random.default_rng(split_seed + 7)
     calib = rng.permutation(train_idx)[:calibration_images]
-    return ExportData([layout.files[i] for i in sorted(calib)],
-                      [layout.files[i] for i in val_idx], [int(labels[i]) for i in val_idx],
-                      str(folder))
+    return ExportData([found.files[i] for i in sorted(calib)],
+                      [found.files[i] for i in val_idx], [int(labels[i]) for i in val_idx],
+                      ", ".join(str(r) for r in roots))
 
 
 # -- all of it ------------------------------------------------------------------------------
-def export_model(model_path: Path, settings: Settings, *, data: Path | None = None,
+def export_model(model_path: Path, settings: Settings, *,
+                 data: Path | Sequence[Path] | None = None,
                  int8: bool = True, calibration_images: int = CALIBRATION_IMAGES
                  ) -> ExportManifest:
     """Write ``<model>.fp32.onnx``, ``<model>.int8.onnx`` and ``<model>.export.json``."""
