@@ -42,11 +42,15 @@ def _images(n: int, seed: int = 0) -> np.ndarray:
 
 
 def _dataset(root: Path, class_names=("cat", "dog"), per_class: int = 12) -> Path:
-    """A tiny train/<class>/ folder of real image files for int8 calibration."""
+    """A tiny dataset in the layout `pawcam train` reads (train/ and test/ per class) of real
+    image files: the export calibrates int8 on its training part and checks it on the
+    validation part, rebuilt as training built it."""
     for c, name in enumerate(class_names):
         for i in range(per_class):
             write_image(root / "train" / name / f"{name}{i}.png", fmt="PNG", width=40, height=40,
                         seed=100 * c + i)
+        write_image(root / "test" / name / f"{name}.png", fmt="PNG", width=40, height=40,
+                    seed=1000 + c)
     return root
 
 
