@@ -1,4 +1,4 @@
-"""deploy/pawcam.service: valid for systemd and hardened (exposure <= 2.0), checked with the real
+"""deploy/*.service: valid for systemd and hardened (exposure <= 2.0 each), checked with the real
 ``systemd-analyze`` where it exists (Debian package ``systemd``; .ci/run installs it)."""
 from __future__ import annotations
 
@@ -10,33 +10,36 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-UNIT = ROOT / "deploy" / "pawcam.service"
+UNITS = sorted((ROOT / "deploy").glob("*.service"))
 ANALYZE = shutil.which("systemd-analyze")
 needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed "
                                    "(Debian package systemd)")
 
 
-def test_unit_reloads_with_sighup_and_waits_out_faults():
-    text = UNIT.read_text()
+def test_daemon_unit_reloads_with_sighup():
+    text = (ROOT / "deploy" / "pawcam.service").read_text()
     assert "ExecReload=/bin/kill -HUP $MAINPID" in text
     assert "Type=notify" in text and "WatchdogSec=" in text
 
 
 @needs_analyze
-def test_unit_verifies(tmp_path):
-    # the unit names /opt/pawcam/...; point ExecStart at a program that exists here
-    unit = tmp_path / "pawcam.service"
-    unit.write_text(UNIT.read_text().replace("/opt/pawcam/.venv/bin/pawcam", "/bin/true"))
-    out = subprocess.run([ANALYZE, "verify", str(unit)], capture_output=True, text=True,
+@pytest.mark.parametrize("unit", UNITS, ids=[u.name for u in UNITS])
+def test_unit_verifies(tmp_path, unit):
+    # the units name /opt/pawcam/...; point ExecStart at a program that exists here
+    copy = tmp_path / unit.name
+    copy.write_text(unit.read_text().replace("/opt/pawcam/.venv/bin/pawcam", "/bin/true"))
+    out = subprocess.run([ANALYZE, "verify", str(copy)], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "pawcam.service" not in out.stderr, out.stderr   # no warning about the unit
+    assert unit.name not in out.stderr, out.stderr          # no warning about the unit
 
 
 @needs_analyze
-def test_unit_exposure_is_at_most_2(tmp_path):
-    out = subprocess.run([ANALYZE, "security", "--offline=yes", "--no-pager", str(UNIT)],
+@pytest.mark.parametrize("unit", UNITS, ids=[u.name for u in UNITS])
+def test_unit_exposure_is_at_most_2(unit):
+    out = subprocess.run([ANALYZE, "security", "--offline=yes", "--no-pager", str(unit)],
                          capture_output=True, text=True, timeout=60)
-    found = re.search(r"Overall exposure level for pawcam\.service: ([0-9.]+)", out.stdout)
+    found = re.search(rf"Overall exposure level for {re.escape(unit.name)}: ([0-9.]+)",
+                      out.stdout)
     assert found, out.stdout[-2000:] + out.stderr
     assert float(found.group(1)) <= 2.0, out.stdout
