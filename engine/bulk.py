@@ -179,6 +179,18 @@ class Summary:
     def rate(self) -> float:
         return self.total / self.seconds if self.seconds > 0 else 0.0
 
+    def count(self, results: Sequence[Result], progress: "Progress | None" = None) -> None:
+        """Count rows just appended (labels, errors logged one line each), advance progress."""
+        for r in results:
+            self.total += 1
+            if r.ok:
+                self.counts[r.label] += 1
+            else:
+                self.errors += 1
+                log.warning("%s: %s", printable(r.input_path), r.error)
+        if progress:
+            progress.update(len(results))
+
     def lines(self) -> list[str]:
         labels = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items())) or "none"
         done = [f"skipped {self.skipped} already done (resumed)"] if self.skipped else []
@@ -222,15 +234,7 @@ def _run_jobs(classifier: Classifier, jobs: Iterable[Job], out_dir: Path, summar
 
     def record(results: Sequence[Result]) -> None:
         writer.append(results)
-        for r in results:
-            summary.total += 1
-            if r.ok:
-                summary.counts[r.label] += 1
-            else:
-                summary.errors += 1
-                log.warning("%s: %s", printable(r.input_path), r.error)
-        if progress:
-            progress.update(len(results))
+        summary.count(results, progress)
 
     with Pipeline(classifier, out_dir) as pipe:
         for _, results in pipe.run(_batched(jobs, batch_size)):

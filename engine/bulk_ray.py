@@ -42,7 +42,7 @@ from engine.classifier import PICTURES_DIR, Classifier, Job
 from engine.config import Settings, replace
 from engine.errors import ConfigError, PawcamError
 from engine.modelio import read_meta
-from engine.results import Result, ResultsCsv, printable
+from engine.results import Result, ResultsCsv
 from engine.resume import file_sha256
 
 log = logging.getLogger(__name__)
@@ -375,15 +375,7 @@ def _run(ray, offsets: list[int], total: int, settings: Settings,
     def append() -> None:
         nonlocal last_append
         writer.append(pending)
-        for r in pending:
-            summary.total += 1
-            if r.ok:
-                summary.counts[r.label] += 1
-            else:
-                summary.errors += 1
-                log.warning("%s: %s", printable(r.input_path), r.error)
-        if progress:
-            progress.update(len(pending))
+        summary.count(pending, progress)
         pending.clear()
         last_append = time.monotonic()
 

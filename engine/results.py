@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -198,25 +198,32 @@ class ResultsCsv:
             os.close(fd)
         return count
 
-    def outcomes(self, wanted: set[str] | None = None) -> dict[str, tuple[str, str]]:
-        """``job_id -> (status, error)`` for the rows already recorded (only ``wanted`` ids,
-        when given): what exactly-once bookkeeping needs to know about past work."""
-        found: dict[str, tuple[str, str]] = {}
-        if wanted is not None and not wanted or not self.path.exists():
-            return found
+    def columns(self, *names: str) -> Iterator[tuple[str, ...]]:
+        """Stream the recorded rows' ``names`` columns, as stored (formula guard kept; see
+        :func:`unneutralize`); rows too short to hold them are skipped."""
+        if not self.path.exists():
+            return
         with open(self.path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
             reader = csv.reader(fh)
             header = next(reader, None)
             if not header:
-                return found
-            i_job, i_status, i_error = (header.index(k) for k in ("job_id", "status", "error"))
-            last = max(i_job, i_status, i_error)
+                return
+            at = [header.index(k) for k in names]
+            last = max(at)
             for row in reader:
-                if len(row) <= last:
-                    continue
-                job = unneutralize(row[i_job])
-                if wanted is None or job in wanted:
-                    found[job] = (row[i_status], unneutralize(row[i_error]))
+                if len(row) > last:
+                    yield tuple(row[i] for i in at)
+
+    def outcomes(self, wanted: set[str] | None = None) -> dict[str, tuple[str, str]]:
+        """``job_id -> (status, error)`` for the rows already recorded (only ``wanted`` ids,
+        when given): what exactly-once bookkeeping needs to know about past work."""
+        found: dict[str, tuple[str, str]] = {}
+        if wanted is not None and not wanted:
+            return found
+        for job_id, status, error in self.columns("job_id", "status", "error"):
+            job = unneutralize(job_id)
+            if wanted is None or job in wanted:
+                found[job] = (status, unneutralize(error))
         return found
 
     def job_ids(self) -> set[str]:

@@ -14,7 +14,6 @@ when its path has a row, so inputs never seen before cost nothing.
 """
 from __future__ import annotations
 
-import csv
 import errno
 import hashlib
 import logging
@@ -82,18 +81,9 @@ class DoneIndex:
         """Stream ``csv_path`` (repaired and header-checked first, as for appending)."""
         index = cls()
         writer = ResultsCsv(csv_path, class_names)  # cuts a crash's partial record
-        if not writer.path.exists():
-            return index
-        with open(writer.path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
-            reader = csv.reader(fh)
-            header = next(reader, None)
-            if not header:
-                return index
-            i_path, i_status, i_sha = (header.index(k) for k in ("input_path", "status", "sha256"))
-            last = max(i_path, i_status, i_sha)
-            for row in reader:
-                if len(row) > last and row[i_status] == STATUS_OK and row[i_sha]:
-                    index.add(unneutralize(row[i_path]), row[i_sha])
+        for path, status, sha in writer.columns("input_path", "status", "sha256"):
+            if status == STATUS_OK and sha:
+                index.add(unneutralize(path), sha)
         return index
 
     def is_done(self, path: Path, follow_symlinks: bool, display_path: str | None = None) -> bool:
