@@ -58,17 +58,21 @@ class DecodedImage:
     sha256: str
 
 
+def input_open_flags(follow_symlinks: bool) -> int:
+    """``os.open`` flags for reading an input: never blocks on a FIFO, refuses a symlink
+    (``ELOOP``) unless ``follow_symlinks``, not inherited by child processes."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    return flags if follow_symlinks else flags | os.O_NOFOLLOW
+
+
 def read_file_bytes(path: str | Path, *, max_bytes: int, follow_symlinks: bool = False) -> bytes:
     """Read a whole regular file, refusing symlinks (unless asked), FIFOs, devices, huge files.
 
     ``O_NOFOLLOW`` and ``O_NONBLOCK`` make the checks race-free: a name swapped for a symlink
     after listing is refused, and a FIFO cannot block the reader.
     """
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-    if not follow_symlinks:
-        flags |= os.O_NOFOLLOW
     try:
-        fd = os.open(path, flags)
+        fd = os.open(path, input_open_flags(follow_symlinks))
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise UnreadableFileError("is a symbolic link; pawcam does not follow links in "

@@ -22,6 +22,7 @@ import stat
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+from engine.decode import input_open_flags
 from engine.results import STATUS_OK, ResultsCsv, printable, unneutralize
 
 log = logging.getLogger(__name__)
@@ -39,11 +40,8 @@ def file_sha256(path: Path, follow_symlinks: bool) -> str | None:
     """The content hash of a regular file, or None when it cannot be read as one (it is then
     classified again and gets its error row). Symlinks are refused unless followed, as in
     :func:`engine.decode.read_file_bytes`; a FIFO never blocks."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-    if not follow_symlinks:
-        flags |= os.O_NOFOLLOW
     try:
-        fd = os.open(path, flags)
+        fd = os.open(path, input_open_flags(follow_symlinks))
     except OSError as exc:
         if exc.errno not in (errno.ENOENT, errno.ELOOP):
             log.debug("resume: cannot open %s: %s", printable(str(path)), exc)
