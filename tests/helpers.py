@@ -85,3 +85,21 @@ def fill_fs(folder: Path, leave_bytes: int, name: str = "filler.bin") -> Path:
     with open(path, "ab") as fh:
         fh.write(b"\0" * max(0, free - leave_bytes))
     return path
+
+
+def sigkill_once_rows(proc, csv_path: Path, rows: int, timeout: float = 120) -> None:
+    """SIGKILL ``proc`` once ``csv_path`` holds more than ``rows`` lines (CRLF-terminated
+    records), or at ``timeout``; waits for it to die."""
+    import os
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if csv_path.exists() and csv_path.read_bytes().count(b"\r\n") > rows:
+                break
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)

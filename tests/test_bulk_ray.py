@@ -20,7 +20,7 @@ import pytest
 
 from engine.bulk import run_bulk
 from engine.config import load_settings, replace
-from tests.helpers import write_image
+from tests.helpers import sigkill_once_rows, write_image
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,16 +187,7 @@ def test_driver_sigkill_then_resume_on_ray(tmp_path, ray_cluster, settings, mode
            "--out", str(out), "--ray", address]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    csv_path = out / "predictions.csv"
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if csv_path.exists() and csv_path.read_bytes().count(b"\r\n") > 1:  # first rows
-                break
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
+    sigkill_once_rows(proc, out / "predictions.csv", 1)
     assert proc.returncode == -signal.SIGKILL
     before = len(rows(out))
     assert 0 < before < n, f"the driver was not killed halfway ({before} rows)"

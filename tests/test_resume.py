@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +14,7 @@ from engine.bulk import run_bulk
 from engine.classifier import Classifier
 from engine.config import load_settings, replace
 from engine.resume import DoneIndex, file_sha256
-from tests.helpers import write_image
+from tests.helpers import sigkill_once_rows, write_image
 from tests.test_bulk import write_config
 
 
@@ -102,16 +101,7 @@ def test_sigkill_mid_run_then_resume_gives_exactly_one_row_per_input(tmp_path, t
            "--out", str(out), "--batch-size", "4"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    csv_path = out / "predictions.csv"
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if csv_path.exists() and csv_path.read_bytes().count(b"\r\n") > 40:
-                break
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
+    sigkill_once_rows(proc, out / "predictions.csv", 40)
     assert proc.returncode == -signal.SIGKILL
     before = len(rows(out))
     assert 0 < before < n, f"the run was not interrupted halfway ({before} rows)"
