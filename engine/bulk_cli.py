@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 from engine.config import Settings, replace
+from engine.exitcodes import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
 
 log = logging.getLogger("pawcam")
 
@@ -53,7 +54,6 @@ def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentPa
 
 def run_predict(args: argparse.Namespace, settings: Settings) -> int:
     from engine.bulk import run_bulk
-    from engine.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
     from engine.errors import ConfigError
 
     if args.no_gradcam:

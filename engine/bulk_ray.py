@@ -4,10 +4,11 @@
 
 The driver (this process) lists the inputs lazily (skipping done ones with ``resume``) into a
 hidden list file in the output folder, then builds a Ray Data dataset of *chunks* of that list
-(a few numbers each, so the driver never holds the inputs). A pool of classifier actors, each
-holding one :class:`~engine.classifier.Classifier` (the runtime ``[inference]`` picks on its
-node: ONNX Runtime on CPU nodes, TensorFlow with a GPU), reads its chunk's lines and runs them
-through the one pipeline (:meth:`Classifier.process <engine.classifier.Classifier.process>`:
+(a few numbers each, so the driver never holds the inputs: :mod:`engine.ray_work`). A pool of
+classifier actors (:mod:`engine.ray_actor`), each holding one
+:class:`~engine.classifier.Classifier` (the runtime ``[inference]`` picks on its node: ONNX
+Runtime on CPU nodes, TensorFlow with a GPU), reads its chunk's lines and runs them through
+the one pipeline (:meth:`Classifier.process <engine.classifier.Classifier.process>`:
 decoding on threads, the model, pictures) -- pictures go straight into ``out_dir/gradcam``.
 Rows stream back to the driver, which appends them with :class:`~engine.results.ResultsCsv`.
 
@@ -22,28 +23,25 @@ keeps one row per input (a bitmap of job numbers) whatever Ray re-executes.
 """
 from __future__ import annotations
 
-import base64
-import dataclasses
 import json
 import logging
 import math
 import os
 import re
 import shutil
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
 from engine.bulk import CSV_NAME, Progress, Summary, count_inputs_in_background, list_pending
 from engine.bulk import new_run_id
-from engine.classifier import PICTURES_DIR, Classifier, Job
+from engine.classifier import PICTURES_DIR
 from engine.config import Settings, replace
 from engine.errors import ConfigError, PawcamError
 from engine.modelio import read_meta
+from engine.ray_actor import ClassifierActor, unlink_quietly
+from engine.ray_work import chunks, write_list
 from engine.results import Result, ResultsCsv
-from engine.resume import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -72,169 +70,6 @@ def check_address(address: str) -> str:
                           "HOST:PORT); to start a local Ray, put --ray after the paths or "
                           "write --ray=local")
     return address
-
-
-# -- the list file: one input per line, read back by the actors ---------------------------------
-def _encode(seq: int, path: Path, follow: bool) -> bytes:
-    return b"%d\t%d\t%s\n" % (seq, int(follow), base64.b64encode(os.fsencode(path)))
-
-
-def _decode_line(line: bytes) -> tuple[int, bool, str]:
-    seq, follow, raw = line.rstrip(b"\n").split(b"\t")
-    return int(seq), follow == b"1", os.fsdecode(base64.b64decode(raw))
-
-
-def write_list(inputs: Iterable[tuple[Path, bool]], list_path: Path,
-               step: int) -> tuple[int, list[int]]:
-    """Write ``inputs`` to ``list_path``; return the count and the byte offset of every
-    ``step``-th line (and of the end), for cutting the list into chunks afterwards."""
-    offsets = [0]
-    n = 0
-    with open(list_path, "wb") as fh:
-        for path, follow in inputs:
-            n += 1
-            fh.write(_encode(n, path, follow))
-            if n % step == 0:
-                offsets.append(fh.tell())
-        if n % step:
-            offsets.append(fh.tell())
-    return n, offsets
-
-
-def chunks(offsets: list[int], step: int, per_chunk: int) -> list[dict[str, int]]:
-    """``{first, start, end}``: the first job number and byte range of each chunk of
-    ``per_chunk`` lines (a multiple of ``step``), from :func:`write_list`'s offsets."""
-    k = max(1, per_chunk // step)
-    last = len(offsets) - 1
-    return [{"first": i * step + 1, "start": offsets[i], "end": offsets[min(i + k, last)]}
-            for i in range(0, last, k)]
-
-
-# -- the actor ----------------------------------------------------------------------------------
-class ClassifierActor:
-    """One loaded model; ``__call__`` classifies one chunk of the list file (a Ray Data batch)."""
-
-    def __init__(self, settings: Settings, out_dir: str, run_dir: str, run_id: str) -> None:
-        self.classifier = Classifier(settings)
-        self.turns = _Turns()
-        self.out_dir = Path(out_dir)
-        self.run_dir = Path(run_dir)
-        self.run_id = run_id
-        self.max_crashes = settings.cluster.max_crashes
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        seqs: list[int] = []
-        rows: list[str] = []
-        for first, start, end in zip(batch["first"], batch["start"], batch["end"]):
-            for result, seq in self._chunk(int(first), int(start), int(end)):
-                seqs.append(seq)
-                rows.append(json.dumps(dataclasses.asdict(result)))
-        return {"seq": seqs, "row": rows}
-
-    def _jobs(self, start: int, end: int) -> list[tuple[int, Job]]:
-        with open(self.run_dir / "inputs.list", "rb") as fh:
-            fh.seek(start)
-            lines = fh.read(end - start).splitlines(keepends=True)
-        out = []
-        for line in lines:
-            seq, follow, path = _decode_line(line)
-            out.append((seq, Job(source=Path(path), display_path=path,
-                                 job_id=f"{self.run_id}-{seq:06d}", follow_symlinks=follow)))
-        return out
-
-    def _chunk(self, first: int, start: int, end: int) -> list[tuple[Result, int]]:
-        jobs = self._jobs(start, end)
-        marker = self.run_dir / f"chunk-{first}"
-        crashed_before = _count(marker) > 0
-        _set_count(marker, _count(marker) + 1)
-        if not crashed_before:
-            with self.turns.shared():
-                results = self._process([j for _, j in jobs])
-        else:  # an earlier try died inside this chunk: one file at a time, counting crashes,
-            with self.turns.alone():  # alone in the actor, so a crash is blamed on the right file
-                results = self._one_by_one(jobs)
-        _unlink(marker)
-        return [(r, seq) for r, (seq, _) in zip(results, jobs)]
-
-    def _one_by_one(self, jobs: list[tuple[int, Job]]) -> list[Result]:
-        results = []
-        for seq, job in jobs:
-            tries = self.run_dir / f"file-{seq}"
-            crashes = _count(tries)  # tries that never came back
-            if crashes >= self.max_crashes:
-                log.error("%s killed a worker %d times: error row", job.display_path, crashes)
-                results.append(self.classifier.error_result(
-                    job, f"processing this file killed a pawcam worker {crashes} times "
-                         "(decoder crash or out of memory?); not tried again in this run",
-                    sha256=file_sha256(job.source, job.follow_symlinks) or ""))
-                continue
-            _set_count(tries, crashes + 1)
-            results.extend(self._process([job]))
-            _unlink(tries)
-        return results
-
-    def _process(self, jobs: list[Job]) -> list[Result]:
-        try:
-            return self.classifier.process(jobs, self.out_dir)
-        except Exception as exc:  # never fail the whole dataset: every input gets its row
-            log.exception("worker failure on a batch of %d", len(jobs))
-            return [self.classifier.error_result(j, f"worker failure ({type(exc).__name__}: "
-                                                    f"{exc})") for j in jobs]
-
-
-class _Turns:
-    """Calls share the actor, except a call under suspicion, which runs alone."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._shared = 0
-        self._alone = False
-
-    @contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._alone)
-            self._shared += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._shared -= 1
-                self._cond.notify_all()
-
-    @contextmanager
-    def alone(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._alone)
-            self._alone = True  # no new shared call starts from here
-            self._cond.wait_for(lambda: self._shared == 0)
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._alone = False
-                self._cond.notify_all()
-
-
-def _count(path: Path) -> int:
-    """The number recorded in a marker file (0 when there is none)."""
-    try:
-        return int(path.read_text() or 0)
-    except (OSError, ValueError):
-        return 0
-
-
-def _set_count(path: Path, count: int) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(str(count))
-    os.replace(tmp, path)
-
-
-def _unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 # -- the driver ---------------------------------------------------------------------------------
@@ -281,7 +116,7 @@ def _remove_temp_pictures(folder: Path, run_id: str) -> None:
     except OSError:
         return
     for path in stale:
-        _unlink(Path(path))
+        unlink_quietly(Path(path))
     if stale:
         log.info("removed %d picture temp file(s) left by killed workers", len(stale))
 

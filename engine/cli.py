@@ -11,9 +11,9 @@ point is a ``register(subparsers)`` function that adds a parser and sets
 ``func=handler(args, settings) -> int`` on it. That keeps the engine free of imports of the
 packages built on it.
 
-Exit codes: 0 success; 1 some inputs failed (results still written); 2 usage or configuration
-error; 3 model could not be loaded; 4 the output storage failed (disk full, read-only, ...: the
-rows written so far are whole); 130 interrupted.
+Exit codes (:mod:`engine.exitcodes`): 0 success; 1 some inputs failed (results still written);
+2 usage or configuration error; 3 model could not be loaded; 4 the output storage failed (disk
+full, read-only, ...: the rows written so far are whole); 130 interrupted.
 """
 from __future__ import annotations
 
@@ -26,15 +26,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from engine import __version__
+from engine.bulk_cli import register as register_predict
 from engine.config import PRECISIONS, RUNTIMES, Settings, load_settings, replace
 from engine.errors import ConfigError, ModelLoadError, PawcamError, StorageError
-
-EXIT_OK = 0
-EXIT_SOME_FAILED = 1
-EXIT_USAGE = 2
-EXIT_MODEL = 3
-EXIT_STORAGE = 4
-EXIT_INTERRUPTED = 130
+from engine.exitcodes import (EXIT_INTERRUPTED, EXIT_MODEL, EXIT_OK, EXIT_SOME_FAILED,  # noqa: F401
+                              EXIT_STORAGE, EXIT_USAGE)
 
 DEFAULT_CONFIG = Path("config.toml")
 #: modules that come with an extra (pyproject.toml), and which one
@@ -80,8 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pawcam {__version__}")
     _add_common(parser)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from engine.bulk_cli import register as register_predict  # noqa: E402
-
     register_predict(subparsers, common_options())
     for ep in sorted(entry_points(group="pawcam.commands"), key=lambda e: e.name):
         try:

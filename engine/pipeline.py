@@ -23,11 +23,11 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Generic, Hashable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Generic, Hashable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 import numpy as np
 
-from engine.classifier import Classifier, Job
+from engine.config import Settings
 from engine.decode import DecodedImage
 from engine.errors import ImageError, is_storage_fault
 
@@ -35,6 +35,28 @@ log = logging.getLogger(__name__)
 
 PREFETCH_BATCHES = 2
 R = TypeVar("R")
+#: one input (an :class:`engine.classifier.Job`); the pipeline only hands it to the stages
+Job = Any
+
+
+class Stages(Protocol):
+    """What the pipeline runs: :class:`engine.classifier.Classifier` is the implementation.
+
+    Named here rather than imported, so that the pipeline sits below the classifier
+    (whose ``process`` runs a Pipeline) and the two do not import each other.
+    """
+
+    settings: Settings
+
+    def try_decode(self, job: Job) -> DecodedImage | ImageError: ...
+
+    def infer(self, images: Sequence[DecodedImage]) -> tuple[np.ndarray, np.ndarray | None]: ...
+
+    def finish(self, job: Job, image: DecodedImage, probs: np.ndarray, cam: np.ndarray | None,
+               out_dir: Path, durable: bool = False) -> Any: ...
+
+    def error_result(self, job: Job, error: ImageError | str, sha256: str = "") -> Any: ...
+
 #: (job, decoded image, probabilities (C,), Grad-CAM map or None) -> the caller's record
 Finish = Callable[[Job, DecodedImage, np.ndarray, "np.ndarray | None"], R]
 #: (job, the decode error) -> the caller's record for a file that could not be decoded
@@ -64,7 +86,7 @@ class Pipeline(Generic[R]):
     (fsync'ed when ``durable``); ``on_error`` to :meth:`Classifier.error_result`.
     """
 
-    def __init__(self, classifier: Classifier, out_dir: Path | None = None, *,
+    def __init__(self, classifier: Stages, out_dir: Path | None = None, *,
                  finish: Finish | None = None, on_error: OnError | None = None,
                  prefetch: int = PREFETCH_BATCHES, durable: bool = False,
                  threads: int | None = None) -> None:

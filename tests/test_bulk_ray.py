@@ -211,7 +211,8 @@ def test_without_ray_installed_the_error_says_what_to_install(tmp_path, tiny_mod
 
 
 def test_list_file_round_trips_odd_names_and_chunks_cover_every_line(tmp_path):
-    from engine.bulk_ray import _decode_line, chunks, write_list
+    from engine.ray_work import chunks, write_list
+    from engine.ray_work import decode_line as _decode_line
 
     names = [Path(f"/p/{i}.jpg") for i in range(23)]
     names[3] = Path("/p/new\nline,\t\"tab\".jpg")

@@ -173,7 +173,7 @@ def test_per_minute_counts_follow_appends(tmp_path):
 
 @pytest.mark.parametrize("probe", [1, 2000])   # 1: every term "common" (scan); 2000: by id
 def test_name_search_gives_the_same_rows_either_way(tmp_path, monkeypatch, probe):
-    import watcher.web.index as index_mod
+    import watcher.web.query as index_mod
 
     names = [f"Ünï {i % 7} Katze-{i}.JPG" if i % 2 else f"dog_{i}.png" for i in range(60)]
     write_outbox(tmp_path / "out", [make_result(i, name=n) for i, n in enumerate(names)])

@@ -49,7 +49,7 @@ def register_serve(subparsers: argparse._SubParsersAction, parent: argparse.Argu
 
 def build_source(args: argparse.Namespace, settings: Settings):
     from watcher.config import watcher_settings
-    from watcher.web.app import Source
+    from watcher.web.state import Source
 
     if args.results is not None:
         folder = args.results.resolve()
