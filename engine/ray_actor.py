@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, Iterator
 
 from engine.classifier import Classifier, Job
 from engine.config import Settings
+from engine.durable import write_atomic
 from engine.ray_work import decode_line
 from engine.results import Result
 from engine.resume import file_sha256
@@ -147,9 +147,8 @@ def _count(path: Path) -> int:
 
 
 def _set_count(path: Path, count: int) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(str(count))
-    os.replace(tmp, path)
+    """Record ``count`` atomically; no fsync: it must survive a killed worker, not a power cut."""
+    write_atomic(path, str(count).encode("ascii"), durable=False)
 
 
 def unlink_quietly(path: Path) -> None:

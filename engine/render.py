@@ -7,13 +7,14 @@
 """
 from __future__ import annotations
 
-import os
 import re
 import unicodedata
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from engine.durable import write_atomic
 
 _COLORMAPS = {
     "jet": cv2.COLORMAP_JET, "turbo": cv2.COLORMAP_TURBO, "inferno": cv2.COLORMAP_INFERNO,
@@ -150,18 +151,10 @@ def write_picture(path: Path, image: np.ndarray, fmt: str, quality: int = 90,
     """Encode and write atomically (temp file + rename): a reader never sees half a picture.
 
     ``durable`` fsyncs the data before the rename (the daemon's pictures must survive a power
-    cut once their row is committed). The temp file never stays behind on failure.
+    cut once their row is committed); bulk runs leave it off (one fsync per picture would cost
+    more than the picture). The temp file never stays behind on failure
+    (:func:`engine.durable.write_atomic`). The folder is not fsync'ed here: the daemon does
+    that once per batch, before its commit.
     """
-    data = encode_picture(image, fmt, quality)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            if durable:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, encode_picture(image, fmt, quality), durable=durable,
+                        sync_folder=False)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from engine.config import load_settings
+from engine.durable import free_name, is_temp, move_no_clobber, numbered_name, rename_noreplace
 from engine.errors import ConfigError, ImageError
 from engine.results import STATUS_ERROR, Result, ResultsCsv
 from watcher.config import DEFAULT_IGNORE, WatcherSettings, watcher_settings
@@ -23,13 +24,11 @@ from watcher.policy import (
     Tracker,
     batch_deadline,
     batch_ready,
-    free_name,
     is_ignored,
-    numbered_name,
     settled,
 )
 from watcher.sdnotify import Notifier, sd_notify, socket_address, watchdog_interval
-from watcher.spool import Spool, move_no_clobber, rename_noreplace
+from watcher.spool import Spool
 from watcher.status import Status, format_status, read_status
 
 
@@ -467,7 +466,7 @@ def test_crash_at_any_step_then_restart_gives_exactly_one_row_per_file(tmp_path,
 
 
 def test_fit_name_and_flattened_fallback(tmp_path):
-    from watcher.spool import fit_name
+    from engine.durable import fit_name
 
     long = "x" * 300 + ".jpeg"
     assert len(os.fsencode(fit_name(long, 240))) <= 240 and fit_name(long, 240).endswith(".jpeg")
@@ -605,7 +604,7 @@ def test_claim_never_follows_a_folder_swapped_for_a_symlink(tmp_path):
 def test_failure_note_of_a_long_name_is_written_and_temp_files_never_stay(tmp_path):
     """B5: a legal 250-byte name still gets its <name>.error.txt note; a failed atomic write
     leaves no temp file behind."""
-    from watcher.spool import write_atomic
+    from engine.durable import write_atomic
 
     sp = _spool(tmp_path)
     name = "x" * 246 + ".jpg"
@@ -618,7 +617,7 @@ def test_failure_note_of_a_long_name_is_written_and_temp_files_never_stay(tmp_pa
     with pytest.raises(OSError):
         write_atomic(tmp_path / "dir", b"data")             # cannot replace a folder
     assert sorted(os.listdir(tmp_path)) == ["dir", "inbox", "outbox"]
-    assert [n for n in os.listdir(sp.failed) if n.startswith(".tmp-")] == []
+    assert [n for n in os.listdir(sp.failed) if is_temp(n)] == []
 
 
 def test_stop_timer_is_cancelled_once_shutdown_is_done(tmp_path, monkeypatch):
@@ -727,10 +726,10 @@ def test_unclaim_never_goes_through_a_folder_swapped_for_a_symlink(tmp_path):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_rename_noreplace_relative_to_a_folder_fd(tmp_path, monkeypatch, native):
-    import watcher.spool as spool_mod
+    import engine.durable as durable_mod
 
     if not native:                                      # old kernel / FUSE: the fallback
-        monkeypatch.setattr(spool_mod, "_renameat2", lambda: None)
+        monkeypatch.setattr(durable_mod, "_renameat2", lambda: None)
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "taken").write_text("keep")
     (tmp_path / "a").write_text("a")

@@ -39,6 +39,7 @@ from typing import Any
 from engine.bulk import new_run_id
 from engine.classifier import PICTURES_DIR, format_confidence
 from engine.config import Settings, load_settings, replace
+from engine.durable import complete_moves, fsync_dir, write_atomic
 from engine.errors import PawcamError, describe_os_error, is_storage_fault
 from engine.pipeline import Pipeline
 from engine.results import Result, ResultsCsv, printable, utc_now
@@ -47,7 +48,7 @@ from watcher.metrics import DaemonMetrics, NullMetrics
 from watcher.observer import COMPLETE, DIR, DIR_GONE, Notice, start_observer
 from watcher.policy import Tracker, is_ignored, signature
 from watcher.sdnotify import Notifier
-from watcher.spool import ClaimedBatch, Spool, complete_moves, fsync_dir, shown, write_atomic
+from watcher.spool import ClaimedBatch, Spool, shown
 from watcher.status import Status
 
 log = logging.getLogger("pawcam.watch")
