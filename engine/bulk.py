@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import stat
 import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -33,7 +31,8 @@ from engine.config import Settings
 from engine.errors import StorageError, describe_os_error, is_storage_fault
 from engine.pipeline import Pipeline
 from engine.resume import DoneIndex
-from engine.results import Result, ResultsCsv, printable
+from engine.results import Result, ResultsCsv
+from engine.text import new_run_id, printable
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +40,6 @@ CSV_NAME = "predictions.csv"
 
 
 # -- listing ------------------------------------------------------------------------------------
-def new_run_id(prefix: str = "", random_bytes: int = 2) -> str:
-    """``20261124T140307Z-9f3a``: sortable, unique across runs writing to one folder.
-
-    The daemon uses ``new_run_id("w", 3)`` -> ``w20261124T140307Z-9f3a0c``.
-    """
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return f"{prefix}{stamp}-{secrets.token_hex(random_bytes)}"
-
-
 def iter_inputs(paths: Iterable[str | Path], recursive: bool = False,
                 skip_dirs: Iterable[Path] = ()) -> Iterator[tuple[Path, bool]]:
     """Yield ``(path, follow_symlinks)`` for every input file, lazily, in a stable order.

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from engine.bulk import CSV_NAME, Progress, Summary, count_inputs_in_background, list_pending
-from engine.bulk import new_run_id
 from engine.classifier import PICTURES_DIR
 from engine.config import Settings, replace
 from engine.durable import is_temp
@@ -43,6 +42,7 @@ from engine.modelio import read_meta
 from engine.ray_actor import ClassifierActor, unlink_quietly
 from engine.ray_work import chunks, write_list
 from engine.results import Result, ResultsCsv
+from engine.text import new_run_id
 
 log = logging.getLogger(__name__)
 

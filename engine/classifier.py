@@ -24,9 +24,10 @@ from engine.config import Settings
 from engine.decode import DecodedImage, decode_image, read_file_bytes
 from engine.errors import ImageError, is_storage_fault
 from engine.modelio import LoadedModel
-from engine.render import pictures, safe_stem, safe_token, write_picture
+from engine.render import pictures, write_picture
 from engine.results import STATUS_ERROR, UNCERTAIN, Result
 from engine.runtime import Runtime, open_runtime
+from engine.text import safe_stem, safe_token
 
 log = logging.getLogger(__name__)
 

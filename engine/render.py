@@ -7,8 +7,6 @@
 """
 from __future__ import annotations
 
-import re
-import unicodedata
 from pathlib import Path
 
 import cv2
@@ -21,8 +19,6 @@ _COLORMAPS = {
     "magma": cv2.COLORMAP_MAGMA, "viridis": cv2.COLORMAP_VIRIDIS, "plasma": cv2.COLORMAP_PLASMA,
     "hot": cv2.COLORMAP_HOT, "bone": cv2.COLORMAP_BONE, "parula": cv2.COLORMAP_PARULA,
 }
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-MAX_STEM = 80
 
 
 def _upsample(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -106,29 +102,6 @@ def draw_caption(rgb: np.ndarray, caption: str) -> np.ndarray:
     cv2.putText(out, caption, (pad, pad + th), font, scale, (255, 255, 255), thickness,
                 cv2.LINE_AA)
     return out
-
-
-def safe_stem(name: str, max_len: int = MAX_STEM) -> str:
-    """A file-system-safe ASCII stem from any (hostile) file name.
-
-    ``"../../etc/passwd"`` -> ``"passwd"``; ``"Crème brûlée 猫.jpg"`` -> ``"Creme_brulee"``;
-    empty results become ``"image"``. Uniqueness comes from the job id that
-    callers append, never from the name.
-    """
-    base = name.replace("\\", "/").rsplit("/", 1)[-1]
-    stem = base.rsplit(".", 1)[0] if "." in base.lstrip(".") else base
-    ascii_stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode("ascii")
-    cleaned = _UNSAFE.sub("_", ascii_stem).strip("._-")
-    return cleaned[:max_len] or "image"
-
-
-def safe_token(text: str, max_len: int = MAX_STEM) -> str:
-    """Like :func:`safe_stem` but keeps every dotted part: for ids, which have no extension.
-
-    ``safe_stem("job.1") == safe_stem("job.2") == "job"`` would make two ids collide.
-    """
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
-    return _UNSAFE.sub("_", ascii_text).strip("._-")[:max_len] or "id"
 
 
 def encode_picture(image: np.ndarray, fmt: str, quality: int = 90) -> bytes:

@@ -16,9 +16,10 @@ import io
 import logging
 import os
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
+
+from engine.text import printable, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +52,6 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.status == STATUS_OK
-
-
-def utc_now() -> str:
-    """UTC ISO 8601 with milliseconds and a Z: ``2026-11-24T14:03:07.123Z``."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def printable(name: str) -> str:
-    """A file name as valid UTF-8 text: undecodable bytes become ``\\xNN`` escapes."""
-    try:
-        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte (Windows names)
-        return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def neutralize(cell: str) -> str:

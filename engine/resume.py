@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from engine.decode import input_open_flags
-from engine.results import STATUS_OK, ResultsCsv, printable, unneutralize
+from engine.results import STATUS_OK, ResultsCsv, unneutralize
+from engine.text import printable
 
 log = logging.getLogger(__name__)
 

@@ -346,7 +346,7 @@ def _daemon(tmp_path, batch_size: int | None = 4):
 
 
 def _drop_inputs(inbox: Path) -> set[str]:
-    from engine.results import printable
+    from engine.text import printable
 
     inbox.mkdir(exist_ok=True)
     (inbox / "sub").mkdir()
@@ -403,7 +403,7 @@ CRASH_POINTS = ["manifest", "claim_rename", "before_commit", "partial_commit", "
 def test_crash_at_any_step_then_restart_gives_exactly_one_row_per_file(tmp_path, monkeypatch,
                                                                         point):
     import watcher.spool as spool_mod
-    from engine.results import printable
+    from engine.text import printable
     from watcher.daemon import Daemon
 
     expected = _drop_inputs(tmp_path / "inbox")

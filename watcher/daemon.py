@@ -36,19 +36,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from engine.bulk import new_run_id
 from engine.classifier import PICTURES_DIR, format_confidence
 from engine.config import Settings, load_settings, replace
 from engine.durable import complete_moves, fsync_dir, write_atomic
 from engine.errors import PawcamError, describe_os_error, is_storage_fault
 from engine.pipeline import Pipeline
-from engine.results import Result, ResultsCsv, printable, utc_now
+from engine.results import Result, ResultsCsv
+from engine.text import new_run_id, printable, shown, utc_now
 from watcher.config import WatcherSettings, watcher_settings
 from watcher.metrics import DaemonMetrics, NullMetrics
 from watcher.observer import COMPLETE, DIR, DIR_GONE, Notice, start_observer
 from watcher.policy import Tracker, is_ignored, signature
 from watcher.sdnotify import Notifier
-from watcher.spool import ClaimedBatch, Spool, shown
+from watcher.spool import ClaimedBatch, Spool
 from watcher.status import Status
 
 log = logging.getLogger("pawcam.watch")
@@ -1020,7 +1020,7 @@ class Daemon:
 
 
 def _utc_in(seconds: float) -> str:
-    """UTC ISO time ``seconds`` from now, like :func:`engine.results.utc_now`."""
+    """UTC ISO time ``seconds`` from now, like :func:`engine.text.utc_now`."""
     from datetime import datetime, timedelta, timezone
 
     at = datetime.now(timezone.utc) + timedelta(seconds=max(0.0, seconds))

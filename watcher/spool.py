@@ -24,7 +24,7 @@ from typing import Callable, Collection
 
 from engine.durable import (SpecialFileRemoved, fsync_dir, is_temp, move_no_clobber,
                             rename_noreplace, write_atomic)
-from engine.results import printable
+from engine.text import printable, shown
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +32,6 @@ MANIFEST_PREFIX = "batch-"
 MANIFEST_SUFFIX = ".json"
 SIDECAR_SUFFIX = ".error.txt"
 LOCK_NAME = ".lock"
-
-
-def shown(rel: str) -> str:
-    """A path as one log-safe token: quoted, newlines and odd bytes escaped."""
-    return json.dumps(printable(rel), ensure_ascii=False)
 
 
 # -- claimed batches ----------------------------------------------------------------------------

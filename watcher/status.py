@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.durable import write_atomic
-from engine.results import utc_now
+from engine.text import utc_now
 
 
 @dataclass
