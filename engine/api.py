@@ -75,7 +75,7 @@ class Pawcam:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.classifier = Classifier(settings)
+        self.classifier = Classifier.from_settings(settings)
         self.meta = self.classifier.meta
         g = settings.gradcam
         self._style = {"alpha": g.overlay_alpha, "colormap": g.colormap}

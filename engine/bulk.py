@@ -219,7 +219,7 @@ def _run_jobs(classifier: Classifier, jobs: Iterable[Job], out_dir: Path, summar
               progress: Progress | None) -> Summary:
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = ResultsCsv(summary.csv_path, classifier.meta.class_names)
-    batch_size = classifier.settings.inference.batch_size
+    batch_size = classifier.batch_size
     start = time.monotonic()
 
     def record(results: Sequence[Result]) -> None:
@@ -271,7 +271,7 @@ def run_bulk(paths: Sequence[str | Path], out_dir: Path, settings: Settings, *,
              classifier: Classifier | None = None, resume: bool = False) -> Summary:
     """Classify every file under ``paths`` into ``out_dir`` (CSV + pictures); with ``resume``
     skip the inputs already classified there (same path, same content)."""
-    classifier = classifier or Classifier(settings)
+    classifier = classifier or Classifier.from_settings(settings)
     run_id = new_run_id()
     log.info("run %s: writing to %s", run_id, out_dir)
     try:

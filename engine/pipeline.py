@@ -102,7 +102,7 @@ class Pipeline(Generic[R]):
         self.finish: Finish = finish
         self.on_error: OnError = on_error or (lambda job, exc: self.classifier.error_result(job, exc))
         self.prefetch = prefetch
-        self.pool = ThreadPoolExecutor(threads or classifier.settings.inference.threads,
+        self.pool = ThreadPoolExecutor(threads or classifier.threads,
                                        thread_name_prefix="pawcam-io")
         self._decoding: deque[_Batch] = deque()
         self._finishing: deque[_Batch] = deque()

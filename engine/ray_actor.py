@@ -37,7 +37,7 @@ class ClassifierActor:
     """One loaded model; ``__call__`` classifies one chunk of the list file (a Ray Data batch)."""
 
     def __init__(self, settings: Settings, out_dir: str, run_dir: str, run_id: str) -> None:
-        self.classifier = Classifier(settings)
+        self.classifier = Classifier.from_settings(settings)
         self.turns = _Turns()
         self.out_dir = Path(out_dir)
         self.run_dir = Path(run_dir)

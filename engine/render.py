@@ -4,14 +4,19 @@
     heat = heatmap(cam, size=(h, w), colormap="jet")   # (h, w, 3) RGB uint8
     over = overlay(rgb, cam, alpha=0.45, caption="dog 97.3%")
     write_picture(path, over, fmt="jpg", quality=90)  # atomic: temp file + rename
+    PictureOptions.from_settings(settings.gradcam)     # which pictures, and their look
+
+:class:`PictureOptions` is where the pictures' look is decided (from ``[gradcam]``).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from engine.config import GRADCAM_OUTPUTS, GradcamSettings
 from engine.durable import write_atomic
 
 _COLORMAPS = {
@@ -19,6 +24,35 @@ _COLORMAPS = {
     "magma": cv2.COLORMAP_MAGMA, "viridis": cv2.COLORMAP_VIRIDIS, "plasma": cv2.COLORMAP_PLASMA,
     "hot": cv2.COLORMAP_HOT, "bone": cv2.COLORMAP_BONE, "parula": cv2.COLORMAP_PARULA,
 }
+
+
+@dataclass(frozen=True)
+class PictureOptions:
+    """Which Grad-CAM pictures a classifier writes, and how they look.
+
+        PictureOptions.from_settings(settings.gradcam)         # what config.toml says
+        PictureOptions(outputs=("overlay",), max_side=256)     # small overlays only
+        PictureOptions(outputs=())                             # no pictures, no maps
+    """
+
+    #: the pictures to write, of ``gray``, ``heatmap``, ``overlay``; () for none
+    outputs: tuple[str, ...] = GRADCAM_OUTPUTS
+    #: longest side of the photo the pictures are drawn on
+    max_side: int = 512
+    format: str = "jpg"
+    jpeg_quality: int = 90
+    overlay_alpha: float = 0.45
+    colormap: str = "jet"
+    #: caption the overlay with the label and confidence
+    annotate: bool = True
+
+    @classmethod
+    def from_settings(cls, gradcam: GradcamSettings) -> "PictureOptions":
+        """The ``[gradcam]`` section's picture keys (none when ``enabled = false``)."""
+        return cls(outputs=gradcam.active_outputs, max_side=gradcam.max_side,
+                   format=gradcam.format, jpeg_quality=gradcam.jpeg_quality,
+                   overlay_alpha=gradcam.overlay_alpha, colormap=gradcam.colormap,
+                   annotate=gradcam.annotate)
 
 
 def _upsample(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:

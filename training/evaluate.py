@@ -29,7 +29,7 @@ from engine.decode import DecodedImage
 from engine.errors import ConfigError
 from engine.modelio import LoadedModel
 from engine.pipeline import Pipeline
-from engine.render import overlay
+from engine.render import PictureOptions, overlay
 from engine.runtime import Runtime
 from training import calibration, metrics
 from training.dataset import Skipped, scan_split
@@ -108,13 +108,13 @@ def evaluate_folder(settings: Settings, model: LoadedModel | Runtime, folder: Pa
 
     t0 = time.perf_counter()
     # Pictures only as overlays, small: the engine's preview is then at most GALLERY_SIDE px.
-    eval_settings = replace(settings, gradcam=replace(
-        settings.gradcam, enabled=gallery_size > 0, outputs=("overlay",),
-        max_side=min(settings.gradcam.max_side, GALLERY_SIDE)))
+    pictures = replace(PictureOptions.from_settings(settings.gradcam),
+                       outputs=("overlay",) if gallery_size > 0 else (),
+                       max_side=min(settings.gradcam.max_side, GALLERY_SIDE))
     if isinstance(model, LoadedModel):
-        clf = Classifier(eval_settings, loaded=model)
+        clf = Classifier.from_settings(settings, loaded=model, pictures=pictures)
     else:
-        clf = Classifier(eval_settings, runtime=model)
+        clf = Classifier.from_settings(settings, runtime=model, pictures=pictures)
     meta = clf.meta
     layout = scan_split(folder, meta.class_names)
     n = len(layout.files)

@@ -192,7 +192,7 @@ class Daemon:
         from engine.classifier import Classifier
 
         t0 = time.monotonic()
-        clf = Classifier(settings)
+        clf = Classifier.from_settings(settings)
         Daemon._check_and_warm_up(clf)
         log.info("model %s loaded in %.1f s", clf.meta.version, time.monotonic() - t0)
         return clf
