@@ -107,7 +107,7 @@ def _walk(top: Path, recursive: bool, skip: set) -> Iterator[tuple[Path, bool]]:
 
 def make_jobs(inputs: Iterable[tuple[Path, bool]], run_id: str) -> Iterator[Job]:
     for seq, (path, follow) in enumerate(inputs, start=1):
-        yield Job(source=path, display_path=str(path), job_id=f"{run_id}-{seq:06d}",
+        yield Job(source=path, input_path=str(path), job_id=f"{run_id}-{seq:06d}",
                   follow_symlinks=follow)
 
 

@@ -11,6 +11,10 @@ The three stages are public so that the one pipeline (:mod:`engine.pipeline`) ca
 ONNX Runtime or TensorFlow, see :mod:`engine.runtime`) and :meth:`Classifier.finish` (pictures +
 row, thread-safe). A bad file never raises out of :meth:`process`: it becomes an ``error``
 result with a clear message.
+
+``Job.input_path`` is the input as the user names it (see :mod:`engine.results` for why every
+layer uses that one name); ``Job.source`` is the file actually read (in the daemon, the claimed
+file in the processing area).
 """
 from __future__ import annotations
 
@@ -40,14 +44,14 @@ class Job:
     """One input file to classify."""
 
     source: Path            # the file to read
-    display_path: str       # what the CSV's input_path shows
+    input_path: str         # how the input is shown: the CSV's input_path (engine.results)
     job_id: str             # unique id: part of picture names, recorded in the CSV
     follow_symlinks: bool = False
 
 
 def picture_name(job: Job, kind: str, fmt: str) -> str:
     """``IMG_0001.jpg`` + job ``r1-000007`` -> ``IMG_0001.r1-000007.overlay.jpg`` (never collides)."""
-    return f"{safe_stem(job.display_path)}.{safe_token(job.job_id)}.{kind}.{fmt}"
+    return f"{safe_stem(job.input_path)}.{safe_token(job.job_id)}.{kind}.{fmt}"
 
 
 def decide(probs: np.ndarray, index: int, class_names: Sequence[str],
@@ -128,7 +132,7 @@ class Classifier:
         except MemoryError:
             return ImageError("not enough memory to decode this image")
         except Exception as exc:  # a decoder bug on hostile input must not end the run
-            log.exception("unexpected error decoding %s", job.display_path)
+            log.exception("unexpected error decoding %s", job.input_path)
             return ImageError(f"unexpected decoder failure ({type(exc).__name__}: {exc})")
 
     # -- stage 2: inference (device) ------------------------------------------------------
@@ -146,7 +150,7 @@ class Classifier:
         index = int(self.meta.predicted_indices(probs[None, :])[0])
         label, confidence = decide(probs, index, self.meta.class_names, self.uncertain_below)
         result = Result(
-            input_path=job.display_path, job_id=job.job_id, label=label, confidence=confidence,
+            input_path=job.input_path, job_id=job.job_id, label=label, confidence=confidence,
             probabilities={n: float(p) for n, p in zip(self.meta.class_names, probs)},
             width=image.width, height=image.height, model_version=self.meta.version,
             sha256=image.sha256,
@@ -182,7 +186,7 @@ class Classifier:
     def error_result(self, job: Job, error: ImageError | str, sha256: str = "") -> Result:
         message = str(error) or type(error).__name__
         sha256 = sha256 or getattr(error, "sha256", "")
-        return Result(input_path=job.display_path, job_id=job.job_id, status=STATUS_ERROR,
+        return Result(input_path=job.input_path, job_id=job.job_id, status=STATUS_ERROR,
                       error=message, model_version=self.meta.version, sha256=sha256)
 
     # -- all three, synchronously ---------------------------------------------------------

@@ -242,7 +242,7 @@ class Pipeline(Generic[R]):
             return self._internal_error(job, exc)
 
     def _internal_error(self, job: Job, exc: Exception) -> R:
-        log.error("finishing %s failed", job.display_path, exc_info=exc)
+        log.error("finishing %s failed", job.input_path, exc_info=exc)
         error = ImageError(f"internal error while writing results ({type(exc).__name__}: {exc})")
         error.sha256 = getattr(exc, "sha256", "")
         return self.on_error(job, error)

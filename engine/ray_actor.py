@@ -60,7 +60,7 @@ class ClassifierActor:
         out = []
         for line in lines:
             seq, follow, path = decode_line(line)
-            out.append((seq, Job(source=Path(path), display_path=path,
+            out.append((seq, Job(source=Path(path), input_path=path,
                                  job_id=f"{self.run_id}-{seq:06d}", follow_symlinks=follow)))
         return out
 
@@ -84,7 +84,7 @@ class ClassifierActor:
             tries = self.run_dir / f"file-{seq}"
             crashes = _count(tries)  # tries that never came back
             if crashes >= self.max_crashes:
-                log.error("%s killed a worker %d times: error row", job.display_path, crashes)
+                log.error("%s killed a worker %d times: error row", job.input_path, crashes)
                 results.append(self.classifier.error_result(
                     job, f"processing this file killed a pawcam worker {crashes} times "
                          "(decoder crash or out of memory?); not tried again in this run",

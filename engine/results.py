@@ -8,6 +8,13 @@ The file opens with plain ``pandas.read_csv(path)``: UTF-8, a header, RFC 4180 q
 file name is safe: commas, quotes, newlines, non-ASCII). Text cells that a spreadsheet would run
 as a formula (starting with ``= + - @``, tab or carriage return) get a leading ``'``.
 A crash can at worst leave a partial last record; opening the file again cuts it off.
+
+``input_path``: one name, everywhere, for how an input is shown (the path as given on the
+command line, inbox-relative in the daemon, folder-relative in evaluate): ``Result.input_path``,
+``engine.classifier.Job.input_path`` and the daemon's ``watcher.spool.Item.input_path``. It is
+the CSV column users already read and script against, and that column's name cannot change, so
+the code takes the users' word rather than a second one (it was also ``display_path`` and
+``rel``); grepping for the column finds every place the value passes through.
 """
 from __future__ import annotations
 

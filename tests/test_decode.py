@@ -572,7 +572,7 @@ def test_process_gives_one_result_per_input_in_order(classifier, tmp_path):
     results = classifier.process(jobs, out_dir=out, threads=2)
 
     assert len(results) == len(jobs)
-    assert [r.input_path for r in results] == [j.display_path for j in jobs]
+    assert [r.input_path for r in results] == [j.input_path for j in jobs]
     assert [r.job_id for r in results] == [j.job_id for j in jobs]
     for (path, status, fragment), r in zip(cases, results):
         assert r.status == status, (path.name, r.error)

@@ -189,7 +189,7 @@ def test_claim_and_finalize_keep_relative_paths_and_never_overwrite(tmp_path):
     for rel in ("sub/a.jpg", "b.jpg"):
         (sp.inbox / rel).write_bytes(rel.encode())
     batch = sp.claim("b1", [("j1", "sub/a.jpg", 0.0), ("j2", "b.jpg", 0.0), ("j3", "gone.jpg", 0.0)])
-    assert [i.rel for i in batch.items] == ["sub/a.jpg", "b.jpg"]        # vanished: skipped
+    assert [i.input_path for i in batch.items] == ["sub/a.jpg", "b.jpg"]        # vanished: skipped
     assert batch.manifest.exists() and not (sp.inbox / "b.jpg").exists()
     (sp.processed / "sub").mkdir(parents=True)
     (sp.processed / "sub/a.jpg").write_bytes(b"older")
@@ -240,12 +240,12 @@ class FakeClassifier:
         return np.tile([0.2, 0.8], (len(images), 1)), None
 
     def finish(self, job, image, probs, cam, out_dir, durable=False):
-        return Result(input_path=job.display_path, job_id=job.job_id, label="dog",
+        return Result(input_path=job.input_path, job_id=job.job_id, label="dog",
                       confidence=float(probs[1]), probabilities={"cat": 0.2, "dog": 0.8},
                       width=8, height=8, model_version="fake-1", sha256=image.sha256)
 
     def error_result(self, job, error, sha256=""):
-        return Result(input_path=job.display_path, job_id=job.job_id, status=STATUS_ERROR,
+        return Result(input_path=job.input_path, job_id=job.job_id, status=STATUS_ERROR,
                       error=str(error), model_version="fake-1")
 
 
@@ -595,7 +595,7 @@ def test_claim_never_follows_a_folder_swapped_for_a_symlink(tmp_path):
     (sp.inbox / "real" / "deep").mkdir(parents=True)
     (sp.inbox / "real" / "deep" / "y.jpg").write_bytes(b"IMG-y")
     batch = sp.claim("b1", [("j1", "sub/x.jpg", 0.0), ("j2", "real/deep/y.jpg", 0.0)])
-    assert [i.rel for i in batch.items] == ["real/deep/y.jpg"]
+    assert [i.input_path for i in batch.items] == ["real/deep/y.jpg"]
     assert os.listdir(victim) == ["x.jpg"] and _left(sp) == ["batch-b1.json", "j2"]
     assert sp.claim("b2", [("j3", "sub/x.jpg", 0.0)]).items == []
     assert os.listdir(victim) == ["x.jpg"] and _left(sp) == ["batch-b1.json", "j2"]

@@ -135,8 +135,8 @@ def evaluate_folder(settings: Settings, model: LoadedModel | Runtime, folder: Pa
             previews[i] = image.preview if image.preview is not None else image.model_input
 
     def failed(job: Job, error: Exception) -> None:
-        skipped.append(Skipped(job.display_path, getattr(error, "code", "image_error"), str(error)))
-        log.warning("skipping %s: %s", job.display_path, error)
+        skipped.append(Skipped(job.input_path, getattr(error, "code", "image_error"), str(error)))
+        log.warning("skipping %s: %s", job.input_path, error)
 
     batch = settings.inference.batch_size
     chunks = [jobs[i:i + batch] for i in range(0, n, batch)]
@@ -178,7 +178,7 @@ def evaluate_folder(settings: Settings, model: LoadedModel | Runtime, folder: Pa
         caption = f"{meta.class_names[pi]} {format_confidence(conf)} (true {meta.class_names[layout.labels[i]]})"
         pic = overlay(previews[i], cams[i], alpha=g.overlay_alpha, colormap=g.colormap,
                       caption=caption)
-        gallery.append(GalleryItem(jobs[i].display_path, meta.class_names[layout.labels[i]],
+        gallery.append(GalleryItem(jobs[i].input_path, meta.class_names[layout.labels[i]],
                                    meta.class_names[pi], conf, pic))
     seconds = time.perf_counter() - t0
     log.info("evaluated %d images in %.1f s: accuracy %.4f, ROC-AUC %.4f, ECE %.4f",

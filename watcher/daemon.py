@@ -449,7 +449,7 @@ class Daemon:
             # the inbox; a rescan finds them again once the fault is gone
             self._rescan_soon()
             raise _placed(exc, self.spool.processing)
-        claimed = {item.rel for item in batch.items}
+        claimed = {item.input_path for item in batch.items}
         for _, rel, _ in entries:
             if rel not in claimed and os.path.lexists(self.inbox / rel):
                 self.blocked.add(rel)  # could not be renamed: do not spin on it
@@ -458,7 +458,7 @@ class Daemon:
     def _jobs(self, batch: ClaimedBatch):
         from engine.classifier import Job
 
-        return [Job(item.path, item.rel, item.job_id) for item in batch.items]
+        return [Job(item.path, item.input_path, item.job_id) for item in batch.items]
 
     def _run_model(self) -> None:
         """The oldest claimed batch through the model (its pictures start on the pool)."""
@@ -510,7 +510,7 @@ class Daemon:
                 where = "(vanished from the processing area: the inbox was removed?)"
                 log.warning("%s vanished from the processing area before it could be moved "
                             "out (the inbox or its processing area was removed?); its row is "
-                            "in the results", shown(item.rel))
+                            "in the results", shown(item.input_path))
             except OSError as exc:
                 all_moved = False
                 if transient(exc):
@@ -520,16 +520,16 @@ class Daemon:
                 else:
                     where = (f"(left in processing area, {exc.strerror or exc}; moved at next "
                              "start)")
-                    log.error("cannot move %s out of the processing area: %s", shown(item.rel),
-                              exc)
+                    log.error("cannot move %s out of the processing area: %s",
+                              shown(item.input_path), exc)
             where = self._short(where)
             if r.ok:
                 ok += 1
-                log.info("done %s: %s %s -> %s [%s]", shown(item.rel), r.label,
+                log.info("done %s: %s %s -> %s [%s]", shown(item.input_path), r.label,
                          format_confidence(r.confidence or 0.0), where, item.job_id)
             else:
                 failed += 1
-                log.warning("failed %s: %s -> %s [%s]", shown(item.rel), printable(r.error),
+                log.warning("failed %s: %s -> %s [%s]", shown(item.input_path), printable(r.error),
                             where, item.job_id)
         try:
             complete_moves(deferred)
@@ -610,7 +610,7 @@ class Daemon:
                         raise
                     done += 1
                     log.warning("%s vanished from the processing area (the inbox was "
-                                "removed?); its row is in the results", shown(item.rel))
+                                "removed?); its row is in the results", shown(item.input_path))
                     continue
                 except OSError as exc:
                     if retry and transient(exc):
@@ -622,11 +622,11 @@ class Daemon:
                     batch.keep_manifest = True
                     stuck += 1
                     log.error("cannot move %s out of the processing area: %s (tried again at "
-                              "the next start)", shown(item.rel), exc)
+                              "the next start)", shown(item.input_path), exc)
                     continue
                 done += 1
                 log.info("recovered %s: already in the results; -> %s [%s]",
-                         shown(item.rel), self._short(where), item.job_id)
+                         shown(item.input_path), self._short(where), item.job_id)
             if kept:
                 again.append(ClaimedBatch(batch.batch_id, batch.manifest, kept,
                                           recovered=batch.recovered))
@@ -636,7 +636,8 @@ class Daemon:
                 for item in batch.items:   # (after a fault: one summary line, see _try_resume)
                     log.log(logging.DEBUG if retry else logging.INFO,
                             "%s %s: classifying it again [%s]",
-                            "retrying" if retry else "recovered", shown(item.rel), item.job_id)
+                            "retrying" if retry else "recovered", shown(item.input_path),
+                            item.job_id)
                 self.pending.append(batch)
             elif not batch.keep_manifest and not kept:
                 self.spool.drop_manifest(batch)

@@ -38,7 +38,8 @@ LOCK_NAME = ".lock"
 @dataclass
 class Item:
     job_id: str
-    rel: str                  # inbox-relative path, '/'-separated; what the CSV shows
+    input_path: str           # inbox-relative, '/'-separated: the CSV's input_path (the
+    #                           manifests keep the key "rel": files older versions wrote)
     path: Path                # the claimed file, inside the processing area
     ready_at: float = 0.0     # monotonic time it became ready (for latency figures)
 
@@ -160,7 +161,7 @@ class Spool:
         """Give a claimed, unprocessed batch back to the inbox (clean stop). Like the claim,
         never through a folder that has become a symlink (the file then stays for recovery)."""
         for item in batch.items:
-            folder, _, name = item.rel.rpartition("/")
+            folder, _, name = item.input_path.rpartition("/")
             try:
                 if folder:
                     (self.inbox / folder).mkdir(parents=True, exist_ok=True)
@@ -173,7 +174,7 @@ class Spool:
                     os.close(fd)
             except OSError as exc:
                 log.info("%s stays in the processing area for the next start (%s)",
-                         shown(item.rel), exc.strerror or exc)
+                         shown(item.input_path), exc.strerror or exc)
                 return  # keep the manifest: recovery will take it
         fsync_dir(self.processing)
         self.drop_manifest(batch)
@@ -198,7 +199,7 @@ class Spool:
             return "deleted"
         root = self.processed if ok else self.failed
         suffixes = () if ok else (SIDECAR_SUFFIX,)
-        rel_parent, _, name = item.rel.rpartition("/")
+        rel_parent, _, name = item.input_path.rpartition("/")
         try:
             try:
                 dst = move_no_clobber(item.path, root / rel_parent, name, suffixes, deferred)
@@ -209,22 +210,22 @@ class Spool:
                                  errno.EIO):
                     raise
                 # e.g. processed/sub is a file from an earlier drop named "sub": flatten it
-                flat = item.rel.replace("/", "__")
-                log.info("cannot place %s under %s (%s); using %s", shown(item.rel), root,
+                flat = item.input_path.replace("/", "__")
+                log.info("cannot place %s under %s (%s); using %s", shown(item.input_path), root,
                          exc.strerror or exc, shown(flat))
                 dst = move_no_clobber(item.path, root, flat, suffixes, deferred)
         except SpecialFileRemoved:
             return "removed (a FIFO, socket or device cannot be moved to another file system)"
         if ok:
             return str(dst)
-        text = (f"{printable(item.rel)}\n"
+        text = (f"{printable(item.input_path)}\n"
                 f"job_id: {item.job_id}\n"
                 f"error: {printable(error) or 'unknown error'}\n")
         try:
             write_atomic(dst.with_name(dst.name + SIDECAR_SUFFIX), text.encode("utf-8"),
                          durable=False)
         except OSError as exc:
-            log.warning("cannot write the failure note for %s: %s", shown(item.rel), exc)
+            log.warning("cannot write the failure note for %s: %s", shown(item.input_path), exc)
         return str(dst)
 
     # -- recovery -----------------------------------------------------------------------------
