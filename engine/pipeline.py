@@ -27,7 +27,6 @@ from typing import Any, Callable, Generic, Hashable, Iterable, Iterator, Protoco
 
 import numpy as np
 
-from engine.config import Settings
 from engine.decode import DecodedImage
 from engine.errors import ImageError, is_storage_fault
 
@@ -46,7 +45,8 @@ class Stages(Protocol):
     (whose ``process`` runs a Pipeline) and the two do not import each other.
     """
 
-    settings: Settings
+    #: threads that decode and finish (when the Pipeline is not given ``threads``)
+    threads: int
 
     def try_decode(self, job: Job) -> DecodedImage | ImageError: ...
 
