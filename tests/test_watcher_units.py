@@ -532,11 +532,11 @@ def test_processing_area_is_never_input_even_if_ignore_lacks_dot_names(tmp_path)
     claimed.write_bytes(b"IMG-claimed")
     d = Daemon(settings, wcfg, once=True, classifier=FakeClassifier())
     for kind in (COMPLETE, SEEN):                                     # inotify: moved in
-        d.notices.put(Notice(kind, str(claimed)))
-        d.notices.put(Notice(kind, str(inbox / ".pawcam-processing" / ".lock")))
-    d._drain(0)
-    d._scan("")
-    assert d.tracker.candidates == {}
+        d.intake.notices.put(Notice(kind, str(claimed)))
+        d.intake.notices.put(Notice(kind, str(inbox / ".pawcam-processing" / ".lock")))
+    d.intake.drain(0)
+    d.intake.scan("")
+    assert d.intake.tracker.candidates == {}
 
 
 def _committed_then_crashed(tmp_path) -> Spool:
