@@ -18,12 +18,17 @@ def _intake(inbox: Path, watch: bool = True, **knobs) -> Intake:
     return Intake(inbox, WatcherSettings(**knobs), batch_size=8, watch=watch)
 
 
-def _wait_ready(intake: Intake, want: set[str], timeout: float = 10.0) -> None:
+def _wait(intake: Intake, done, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    while set(intake.tracker.ready) != want:
-        assert time.monotonic() < deadline, (sorted(intake.tracker.ready), sorted(want))
+    while not done():
+        assert time.monotonic() < deadline, (sorted(intake.tracker.candidates),
+                                             sorted(intake.tracker.ready))
         intake.drain(0.05)
         intake.step(time.monotonic())
+
+
+def _wait_ready(intake: Intake, want: set[str]) -> None:
+    _wait(intake, lambda: set(intake.tracker.ready) == want)
 
 
 def _age(path: Path, seconds: float) -> None:
@@ -33,15 +38,18 @@ def _age(path: Path, seconds: float) -> None:
 
 def test_notices_become_ready_files_once_complete_and_never_the_ignored_ones(tmp_path):
     """inotify: a file closed after writing or renamed in is ready at once (settle_ms is long);
-    one still open is not; ignored names and the processing area never become candidates."""
+    one still open is not; a folder moved in is scanned (its old files are settled); ignored
+    names and the processing area never become candidates."""
     inbox = tmp_path / "inbox"
     (inbox / ".pawcam-processing").mkdir(parents=True)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.jpg").write_bytes(b"IMG-b")
+    _age(tmp_path / "sub" / "b.jpg", 3600)
     intake = _intake(inbox, settle_ms=600_000)
     intake.start()
     try:
         (inbox / "a.jpg").write_bytes(b"IMG-a")                 # written and closed
-        (inbox / "sub").mkdir()
-        (inbox / "sub" / "b.jpg").write_bytes(b"IMG-b")          # in a new folder
+        os.rename(tmp_path / "sub", inbox / "sub")               # a folder moved in
         (tmp_path / "c.tmp").write_bytes(b"IMG-c")
         os.rename(tmp_path / "c.tmp", inbox / "c.jpg")           # renamed in from outside
         (inbox / "d.jpg.part").write_bytes(b"partial")           # ignored names
@@ -50,6 +58,7 @@ def test_notices_become_ready_files_once_complete_and_never_the_ignored_ones(tmp
         writing = open(inbox / "e.jpg", "wb")                    # still being written
         writing.write(b"IMG-e (first half)")
         writing.flush()
+        _wait(intake, lambda: "e.jpg" in intake.tracker.candidates)
         _wait_ready(intake, {"a.jpg", "sub/b.jpg", "c.jpg"})
         assert set(intake.tracker.candidates) == {"a.jpg", "sub/b.jpg", "c.jpg", "e.jpg"}
         writing.write(b" second half")

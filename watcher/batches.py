@@ -18,7 +18,6 @@ it is complete; while the model is busy the next batch gathers until it is full 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import deque
 from pathlib import Path

@@ -15,6 +15,10 @@ finalized (moved per its recorded status); one whose id is not is classified aga
 same job id (its pictures are simply rewritten). :meth:`Spool.recover` rebuilds the batches a
 crash left from their manifests; a manifest entry without a file was either finalized or never
 claimed (the file is still in the inbox and is found again).
+
+Longer than the house's ~350 lines on purpose: the protocol is kept whole in one file (claim,
+unclaim, commit, finish, settle, recover and the lock), so that README's "Exactly once" section
+maps to it and a change to one step is made next to the others it must agree with.
 """
 from __future__ import annotations
 
@@ -471,8 +475,9 @@ class Spool:
         the new names made durable with one fsync per folder), then drop the manifest.
         ``Outcome.where``: where each file went, in the batch's order."""
         deferred: list[tuple[Path, Path]] = []
-        out = self._move_out(batch, [(i, r.ok, r.error) for i, r in zip(batch.items, results)],
-                             deferred)
+        out = Outcome()
+        self._move_out(batch, [(i, r.ok, r.error) for i, r in zip(batch.items, results)], out,
+                       deferred)
         try:
             complete_moves(deferred)
         except OSError as exc:
@@ -492,30 +497,30 @@ class Spool:
         out = Outcome()
         for batch in batches:
             committed = [(i, *outcomes[i.job_id]) for i in batch.items if i.job_id in outcomes]
-            moved = self._move_out(batch, [(i, status == "ok", error)
-                                           for i, status, error in committed])
-            for (item, _, _), where in zip(committed, moved.where):
+            first, waiting = len(out.where), len(out.waiting)
+            self._move_out(batch, [(i, status == "ok", error) for i, status, error in committed],
+                           out)
+            for (item, _, _), where in zip(committed, out.where[first:]):
                 if not where.startswith("("):     # (not vanished, waiting or stuck)
                     log.info("recovered %s: already in the results; -> %s [%s]",
                              shown(item.rel), self.shown_place(where), item.job_id)
-            out.add(moved)
             batch.items = [i for i in batch.items if i.job_id not in outcomes]
             if batch.items:
                 for item in batch.items:   # (one summary line is logged by the caller)
                     log.debug("retrying %s: classifying it again [%s]", shown(item.rel),
                               item.job_id)
                 out.redo.append(batch)
-            elif not batch.keep_manifest and not moved.waiting:
+            elif not batch.keep_manifest and len(out.waiting) == waiting:
                 self.drop_manifest(batch)
         return out
 
     def _move_out(self, batch: ClaimedBatch, committed: list[tuple[Item, bool, str]],
-                  deferred: list[tuple[Path, Path]] | None = None) -> "Outcome":
+                  out: "Outcome", deferred: list[tuple[Path, Path]] | None = None) -> None:
         """Finalize ``(item, ok, error)`` of committed files of ``batch``. A storage fault
         keeps the file aside (``Outcome.waiting``, ``fault``: settled again once the fault is
         gone); any other failure keeps the manifest, so that the next start moves the file on
-        instead of classifying it again under a new job id (a second row)."""
-        out = Outcome()
+        instead of classifying it again under a new job id (a second row). Recorded in
+        ``out``."""
         waiting = []
         for item, ok, error in committed:
             try:
@@ -545,7 +550,6 @@ class Spool:
         if waiting:
             out.waiting.append(ClaimedBatch(batch.batch_id, batch.manifest, waiting,
                                             recovered=batch.recovered))
-        return out
 
     def shown_place(self, where: str) -> str:
         """Where :meth:`finalize` put a file, for a log line: relative to the outbox."""
@@ -640,14 +644,6 @@ class Outcome:
     waiting: list[ClaimedBatch] = field(default_factory=list)
     redo: list[ClaimedBatch] = field(default_factory=list)
     fault: OSError | None = None
-
-    def add(self, other: "Outcome") -> None:
-        self.where += other.where
-        self.done += other.done
-        self.stuck += other.stuck
-        self.waiting += other.waiting
-        self.redo += other.redo
-        self.fault = self.fault or other.fault
 
     @property
     def redo_count(self) -> int:
