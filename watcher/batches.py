@@ -5,8 +5,8 @@ committed rows and finalized files, with the counts and log lines of each batch.
     batches.fill(intake, claiming=lambda: True, space_ok=lambda: True, now=time.monotonic())
     if batches.pipe.waiting:
         batches.run_model()
-    for batch, results, finished, started in batches.flush(keep=0):   # commit + finish
-        report(status, metrics, batch, results, finished, started, batches.depth(intake))
+    for batch, results, outcome, started in batches.flush(keep=0):    # commit + finish
+        report(status, metrics, spool, batch, results, outcome, started, batches.depth(intake))
 
 Up to ``PIPELINE_DEPTH`` claimed batches are decoded ahead while the model runs, and the
 pictures of one batch are written while the next runs on the model, so a burst flows at the
