@@ -66,8 +66,6 @@ def probe(inbox: Path, outbox: Path, processing: Path, csv_path: Path,
     """What still stands in the way of working (None: nothing): the inbox, the outbox and
     the processing area exist (the latter two re-created), free space is above the floor,
     and a small write + fsync succeeds in the outbox and the processing area."""
-    from watcher.spool import write_atomic   # (not at the top: watcher.spool imports this)
-
     if identity(inbox) is None:
         return f"the inbox {inbox} does not exist (removed?); waiting for it"
     try:
@@ -77,9 +75,7 @@ def probe(inbox: Path, outbox: Path, processing: Path, csv_path: Path,
         if problem:
             return problem
         for folder in (outbox, processing):
-            path = folder / f".pawcam-probe-{os.getpid()}"
-            write_atomic(path, b"\0" * 4096, durable=True)
-            os.unlink(path)
+            _write_probe(folder / f".pawcam-probe-{os.getpid()}")
         if csv_path.exists():
             os.close(os.open(csv_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC))
     except OSError as exc:
@@ -87,6 +83,17 @@ def probe(inbox: Path, outbox: Path, processing: Path, csv_path: Path,
             raise
         return describe_os_error(exc)
     return None
+
+
+def _write_probe(path: Path) -> None:
+    """Create, write 4 KiB, fsync and remove ``path``: raises what the storage says."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, b"\0" * 4096)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(path)
 
 
 class Fault:
