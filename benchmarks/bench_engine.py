@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 from engine.bulk import run_bulk  # noqa: E402
 from engine.config import load_settings, replace  # noqa: E402
 from engine.classifier import Classifier  # noqa: E402
+from engine.render import PictureOptions  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 PAWCAM = Path(sys.executable).with_name("pawcam")
@@ -104,7 +105,7 @@ def label(runtime: str, precision: str) -> str:
 def decoded_batch(clf: Classifier, images: list[Path]) -> np.ndarray:
     from engine.decode import load_model_input
 
-    d = clf.settings.decode
+    d = clf.decode_limits
     return np.stack([load_model_input(p, input_size=clf.meta.input_size,
                                       max_pixels=d.max_image_pixels, max_bytes=d.max_file_bytes,
                                       follow_symlinks=True) for p in images])
@@ -123,7 +124,7 @@ def bench_forward(clf: Classifier, x: np.ndarray, batch: int) -> float:
 
 def bench_bulk(settings, clf: Classifier, folder: Path, out: Path, gradcam: bool) -> float:
     s = replace(settings, gradcam=replace(settings.gradcam, enabled=gradcam))
-    clf.settings, clf.outputs = s, s.gradcam.active_outputs
+    clf.pictures = PictureOptions.from_settings(s.gradcam)
     shutil.rmtree(out, ignore_errors=True)
     summary = run_bulk([folder], out, s, classifier=clf, show_progress=False)
     assert summary.errors == 0, summary.lines()
@@ -217,7 +218,7 @@ def bench_methods(settings, args: argparse.Namespace, tmp: Path) -> None:
     clfs = {}
     for m in methods:
         s = replace(settings, gradcam=replace(settings.gradcam, method=m, enabled=True))
-        clfs[m] = (s, Classifier(s))
+        clfs[m] = (s, Classifier.from_settings(s))
     rates = {m: 0.0 for m in methods}
     for _ in range(args.rounds):
         for m, (s, clf) in clfs.items():
@@ -253,7 +254,7 @@ def main() -> None:
         for rt, prec in RUNTIMES:
             s = replace(settings, inference=replace(settings.inference, runtime=rt,
                                                     precision=prec))
-            clfs[(rt, prec)] = (s, Classifier(s))
+            clfs[(rt, prec)] = (s, Classifier.from_settings(s))
         print(f"batch size: {batch}; decode threads: {settings.inference.threads}; "
               f"CPU cores: {os.cpu_count()}; best of {args.rounds} interleaved rounds")
         x = decoded_batch(next(iter(clfs.values()))[1], images)
@@ -303,7 +304,7 @@ def main() -> None:
             d = bench_naive(settings.model.path, images[:args.naive_images], tmp / "naive")
             print(f"(d) naive per-image notebook loop (TensorFlow)  {d:7.1f} img/s")
         tf, f32, i8 = (best[k] for k in RUNTIMES)
-        chosen = Classifier(settings).runtime  # what the shipped config serves here
+        chosen = Classifier.from_settings(settings).runtime  # what the shipped config serves here
         dkey = (chosen.name, chosen.precision)
         dflt = best[dkey]
         print()

@@ -57,7 +57,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pawcam-bench-ray-") as tmp_name:
         tmp = Path(tmp_name)
         folder = pick_images(args.images, tmp)[0].parent
-        classifier = Classifier(settings)
+        classifier = Classifier.from_settings(settings)
         print(f"runtime: {classifier.runtime.describe()}; cores: {os.cpu_count()}; "
               f"gradcam: {not args.no_gradcam}")
         run_bulk([folder], tmp / "warm", settings, classifier=classifier, show_progress=False)

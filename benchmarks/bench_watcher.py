@@ -222,7 +222,7 @@ def main() -> None:
         from engine.config import load_settings
 
         settings = load_settings(cfg)
-        clf = Classifier(settings)   # the bulk runner's model, loaded once like the daemon's
+        clf = Classifier.from_settings(settings)   # the bulk runner's model, loaded once like the daemon's
         bulk(clf, settings, sorted((tmp / "images").iterdir())[:64], tmp / "bulk-warm")
         # interleaved rounds: the machine's load drifts, so each daemon burst is compared with
         # a bulk run right before it

@@ -75,7 +75,7 @@ class Pawcam:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.classifier = Classifier(settings)
+        self.classifier = Classifier.from_settings(settings)
         self.meta = self.classifier.meta
         g = settings.gradcam
         self._style = {"alpha": g.overlay_alpha, "colormap": g.colormap}
@@ -112,10 +112,10 @@ class Pawcam:
         jobs = [Job(Path(p), str(p), f"api-{i}", follow_symlinks=True) for i, p in enumerate(paths)]
 
         def finish(job: Job, image: DecodedImage, probs: np.ndarray, cam: np.ndarray | None):
-            return self._prediction(job.display_path, image, probs, cam)
+            return self._prediction(job.input_path, image, probs, cam)
 
         def failed(job: Job, exc: Exception) -> Prediction:
-            return Prediction(job.display_path, error=str(exc))
+            return Prediction(job.input_path, error=str(exc))
 
         with Pipeline(self.classifier, finish=finish, on_error=failed) as pipe:
             return [p for _, records in pipe.run([jobs]) for p in records]

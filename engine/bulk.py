@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import stat
 import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -33,7 +31,8 @@ from engine.config import Settings
 from engine.errors import StorageError, describe_os_error, is_storage_fault
 from engine.pipeline import Pipeline
 from engine.resume import DoneIndex
-from engine.results import Result, ResultsCsv, printable
+from engine.results import Result, ResultsCsv
+from engine.text import new_run_id, printable
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +40,6 @@ CSV_NAME = "predictions.csv"
 
 
 # -- listing ------------------------------------------------------------------------------------
-def new_run_id(prefix: str = "", random_bytes: int = 2) -> str:
-    """``20261124T140307Z-9f3a``: sortable, unique across runs writing to one folder.
-
-    The daemon uses ``new_run_id("w", 3)`` -> ``w20261124T140307Z-9f3a0c``.
-    """
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return f"{prefix}{stamp}-{secrets.token_hex(random_bytes)}"
-
-
 def iter_inputs(paths: Iterable[str | Path], recursive: bool = False,
                 skip_dirs: Iterable[Path] = ()) -> Iterator[tuple[Path, bool]]:
     """Yield ``(path, follow_symlinks)`` for every input file, lazily, in a stable order.
@@ -117,7 +107,7 @@ def _walk(top: Path, recursive: bool, skip: set) -> Iterator[tuple[Path, bool]]:
 
 def make_jobs(inputs: Iterable[tuple[Path, bool]], run_id: str) -> Iterator[Job]:
     for seq, (path, follow) in enumerate(inputs, start=1):
-        yield Job(source=path, display_path=str(path), job_id=f"{run_id}-{seq:06d}",
+        yield Job(source=path, input_path=str(path), job_id=f"{run_id}-{seq:06d}",
                   follow_symlinks=follow)
 
 
@@ -229,7 +219,7 @@ def _run_jobs(classifier: Classifier, jobs: Iterable[Job], out_dir: Path, summar
               progress: Progress | None) -> Summary:
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = ResultsCsv(summary.csv_path, classifier.meta.class_names)
-    batch_size = classifier.settings.inference.batch_size
+    batch_size = classifier.batch_size
     start = time.monotonic()
 
     def record(results: Sequence[Result]) -> None:
@@ -281,7 +271,7 @@ def run_bulk(paths: Sequence[str | Path], out_dir: Path, settings: Settings, *,
              classifier: Classifier | None = None, resume: bool = False) -> Summary:
     """Classify every file under ``paths`` into ``out_dir`` (CSV + pictures); with ``resume``
     skip the inputs already classified there (same path, same content)."""
-    classifier = classifier or Classifier(settings)
+    classifier = classifier or Classifier.from_settings(settings)
     run_id = new_run_id()
     log.info("run %s: writing to %s", run_id, out_dir)
     try:

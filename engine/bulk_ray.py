@@ -34,14 +34,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from engine.bulk import CSV_NAME, Progress, Summary, count_inputs_in_background, list_pending
-from engine.bulk import new_run_id
 from engine.classifier import PICTURES_DIR
 from engine.config import Settings, replace
+from engine.durable import is_temp
 from engine.errors import ConfigError, PawcamError
 from engine.modelio import read_meta
 from engine.ray_actor import ClassifierActor, unlink_quietly
 from engine.ray_work import chunks, write_list
 from engine.results import Result, ResultsCsv
+from engine.text import new_run_id
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +109,11 @@ def _connect(ray, address: str) -> bool:
 
 
 def _remove_temp_pictures(folder: Path, run_id: str) -> None:
-    """Remove the temp files of pictures a killed worker was writing (``.NAME.PID.tmp``)."""
+    """Remove the temp files of pictures a killed worker was writing (``.NAME.PID-RANDOM.tmp``,
+    see :func:`engine.durable.temp_name`; NAME holds the job id, hence the run id)."""
     try:
         with os.scandir(folder) as it:
-            stale = [e.path for e in it if e.name.startswith(".") and e.name.endswith(".tmp")
-                     and f".{run_id}-" in e.name]
+            stale = [e.path for e in it if is_temp(e.name) and f".{run_id}-" in e.name]
     except OSError:
         return
     for path in stale:

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from engine.durable import atomic_path, write_atomic
 from engine.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -209,9 +210,9 @@ def file_sha256(path: str | Path) -> str:
 def save_model(model: Any, meta: ModelMeta, model_path: str | Path) -> Path:
     """Write ``model_path`` (.keras) and its metadata JSON; return the model path.
 
-    Each file is replaced atomically; the metadata records the model file's sha256, so a
-    crash between the two replaces is detected by :func:`load_model` instead of pairing a new
-    model with an old temperature and threshold.
+    Each file is replaced atomically and durably (:mod:`engine.durable`); the metadata records
+    the model file's sha256, so a crash between the two replaces is detected by
+    :func:`load_model` instead of pairing a new model with an old temperature and threshold.
     """
     model_path = Path(model_path)
     if model_path.suffix != ".keras":
@@ -219,12 +220,15 @@ def save_model(model: Any, meta: ModelMeta, model_path: str | Path) -> Path:
     meta.validate(str(model_path))
     _check_agreement(model, meta, model_path)
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_model = model_path.with_name(model_path.stem + ".tmp.keras")
-    model.save(tmp_model)
-    meta = replace(meta, model_sha256=file_sha256(tmp_model))
-    meta_path = meta_path_for(model_path)
-    tmp_meta = meta_path.with_name(meta_path.name + ".tmp")
-    tmp_meta.write_text(meta.to_json(), encoding="utf-8")
-    tmp_model.replace(model_path)
-    tmp_meta.replace(meta_path)
+    # both files complete before either is renamed (the model first, then its metadata)
+    with atomic_path(meta_path_for(model_path)) as tmp_meta, \
+            atomic_path(model_path, keep_suffix=True) as tmp_model:  # Keras wants ".keras"
+        model.save(tmp_model)
+        meta = replace(meta, model_sha256=file_sha256(tmp_model))
+        tmp_meta.write_text(meta.to_json(), encoding="utf-8")
     return model_path
+
+
+def write_meta(model_path: str | Path, meta: ModelMeta) -> Path:
+    """Replace the metadata JSON beside ``model_path`` atomically and durably."""
+    return write_atomic(meta_path_for(model_path), meta.to_json().encode("utf-8"))

@@ -27,7 +27,6 @@ from typing import Any, Callable, Generic, Hashable, Iterable, Iterator, Protoco
 
 import numpy as np
 
-from engine.config import Settings
 from engine.decode import DecodedImage
 from engine.errors import ImageError, is_storage_fault
 
@@ -46,7 +45,8 @@ class Stages(Protocol):
     (whose ``process`` runs a Pipeline) and the two do not import each other.
     """
 
-    settings: Settings
+    #: threads that decode and finish (when the Pipeline is not given ``threads``)
+    threads: int
 
     def try_decode(self, job: Job) -> DecodedImage | ImageError: ...
 
@@ -102,7 +102,7 @@ class Pipeline(Generic[R]):
         self.finish: Finish = finish
         self.on_error: OnError = on_error or (lambda job, exc: self.classifier.error_result(job, exc))
         self.prefetch = prefetch
-        self.pool = ThreadPoolExecutor(threads or classifier.settings.inference.threads,
+        self.pool = ThreadPoolExecutor(threads or classifier.threads,
                                        thread_name_prefix="pawcam-io")
         self._decoding: deque[_Batch] = deque()
         self._finishing: deque[_Batch] = deque()
@@ -242,7 +242,7 @@ class Pipeline(Generic[R]):
             return self._internal_error(job, exc)
 
     def _internal_error(self, job: Job, exc: Exception) -> R:
-        log.error("finishing %s failed", job.display_path, exc_info=exc)
+        log.error("finishing %s failed", job.input_path, exc_info=exc)
         error = ImageError(f"internal error while writing results ({type(exc).__name__}: {exc})")
         error.sha256 = getattr(exc, "sha256", "")
         return self.on_error(job, error)

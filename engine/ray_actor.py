@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, Iterator
 
 from engine.classifier import Classifier, Job
 from engine.config import Settings
+from engine.durable import write_atomic
 from engine.ray_work import decode_line
 from engine.results import Result
 from engine.resume import file_sha256
@@ -37,7 +37,7 @@ class ClassifierActor:
     """One loaded model; ``__call__`` classifies one chunk of the list file (a Ray Data batch)."""
 
     def __init__(self, settings: Settings, out_dir: str, run_dir: str, run_id: str) -> None:
-        self.classifier = Classifier(settings)
+        self.classifier = Classifier.from_settings(settings)
         self.turns = _Turns()
         self.out_dir = Path(out_dir)
         self.run_dir = Path(run_dir)
@@ -60,7 +60,7 @@ class ClassifierActor:
         out = []
         for line in lines:
             seq, follow, path = decode_line(line)
-            out.append((seq, Job(source=Path(path), display_path=path,
+            out.append((seq, Job(source=Path(path), input_path=path,
                                  job_id=f"{self.run_id}-{seq:06d}", follow_symlinks=follow)))
         return out
 
@@ -84,7 +84,7 @@ class ClassifierActor:
             tries = self.run_dir / f"file-{seq}"
             crashes = _count(tries)  # tries that never came back
             if crashes >= self.max_crashes:
-                log.error("%s killed a worker %d times: error row", job.display_path, crashes)
+                log.error("%s killed a worker %d times: error row", job.input_path, crashes)
                 results.append(self.classifier.error_result(
                     job, f"processing this file killed a pawcam worker {crashes} times "
                          "(decoder crash or out of memory?); not tried again in this run",
@@ -147,9 +147,8 @@ def _count(path: Path) -> int:
 
 
 def _set_count(path: Path, count: int) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(str(count))
-    os.replace(tmp, path)
+    """Record ``count`` atomically; no fsync: it must survive a killed worker, not a power cut."""
+    write_atomic(path, str(count).encode("ascii"), durable=False)
 
 
 def unlink_quietly(path: Path) -> None:

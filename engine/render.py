@@ -4,24 +4,55 @@
     heat = heatmap(cam, size=(h, w), colormap="jet")   # (h, w, 3) RGB uint8
     over = overlay(rgb, cam, alpha=0.45, caption="dog 97.3%")
     write_picture(path, over, fmt="jpg", quality=90)  # atomic: temp file + rename
+    PictureOptions.from_settings(settings.gradcam)     # which pictures, and their look
+
+:class:`PictureOptions` is where the pictures' look is decided (from ``[gradcam]``).
 """
 from __future__ import annotations
 
-import os
-import re
-import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from engine.config import GRADCAM_OUTPUTS, GradcamSettings
+from engine.durable import write_atomic
 
 _COLORMAPS = {
     "jet": cv2.COLORMAP_JET, "turbo": cv2.COLORMAP_TURBO, "inferno": cv2.COLORMAP_INFERNO,
     "magma": cv2.COLORMAP_MAGMA, "viridis": cv2.COLORMAP_VIRIDIS, "plasma": cv2.COLORMAP_PLASMA,
     "hot": cv2.COLORMAP_HOT, "bone": cv2.COLORMAP_BONE, "parula": cv2.COLORMAP_PARULA,
 }
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-MAX_STEM = 80
+
+
+@dataclass(frozen=True)
+class PictureOptions:
+    """Which Grad-CAM pictures a classifier writes, and how they look.
+
+        PictureOptions.from_settings(settings.gradcam)         # what config.toml says
+        PictureOptions(outputs=("overlay",), max_side=256)     # small overlays only
+        PictureOptions(outputs=())                             # no pictures, no maps
+    """
+
+    #: the pictures to write, of ``gray``, ``heatmap``, ``overlay``; () for none
+    outputs: tuple[str, ...] = GRADCAM_OUTPUTS
+    #: longest side of the photo the pictures are drawn on
+    max_side: int = 512
+    format: str = "jpg"
+    jpeg_quality: int = 90
+    overlay_alpha: float = 0.45
+    colormap: str = "jet"
+    #: caption the overlay with the label and confidence
+    annotate: bool = True
+
+    @classmethod
+    def from_settings(cls, gradcam: GradcamSettings) -> "PictureOptions":
+        """The ``[gradcam]`` section's picture keys (none when ``enabled = false``)."""
+        return cls(outputs=gradcam.active_outputs, max_side=gradcam.max_side,
+                   format=gradcam.format, jpeg_quality=gradcam.jpeg_quality,
+                   overlay_alpha=gradcam.overlay_alpha, colormap=gradcam.colormap,
+                   annotate=gradcam.annotate)
 
 
 def _upsample(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -107,29 +138,6 @@ def draw_caption(rgb: np.ndarray, caption: str) -> np.ndarray:
     return out
 
 
-def safe_stem(name: str, max_len: int = MAX_STEM) -> str:
-    """A file-system-safe ASCII stem from any (hostile) file name.
-
-    ``"../../etc/passwd"`` -> ``"passwd"``; ``"Crème brûlée 猫.jpg"`` -> ``"Creme_brulee"``;
-    empty results become ``"image"``. Uniqueness comes from the job id that
-    callers append, never from the name.
-    """
-    base = name.replace("\\", "/").rsplit("/", 1)[-1]
-    stem = base.rsplit(".", 1)[0] if "." in base.lstrip(".") else base
-    ascii_stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode("ascii")
-    cleaned = _UNSAFE.sub("_", ascii_stem).strip("._-")
-    return cleaned[:max_len] or "image"
-
-
-def safe_token(text: str, max_len: int = MAX_STEM) -> str:
-    """Like :func:`safe_stem` but keeps every dotted part: for ids, which have no extension.
-
-    ``safe_stem("job.1") == safe_stem("job.2") == "job"`` would make two ids collide.
-    """
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
-    return _UNSAFE.sub("_", ascii_text).strip("._-")[:max_len] or "id"
-
-
 def encode_picture(image: np.ndarray, fmt: str, quality: int = 90) -> bytes:
     """RGB or grayscale uint8 array to JPEG/PNG/WEBP bytes."""
     if image.ndim == 3:
@@ -150,18 +158,10 @@ def write_picture(path: Path, image: np.ndarray, fmt: str, quality: int = 90,
     """Encode and write atomically (temp file + rename): a reader never sees half a picture.
 
     ``durable`` fsyncs the data before the rename (the daemon's pictures must survive a power
-    cut once their row is committed). The temp file never stays behind on failure.
+    cut once their row is committed); bulk runs leave it off (one fsync per picture would cost
+    more than the picture). The temp file never stays behind on failure
+    (:func:`engine.durable.write_atomic`). The folder is not fsync'ed here: the daemon does
+    that once per batch, before its commit.
     """
-    data = encode_picture(image, fmt, quality)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            if durable:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, encode_picture(image, fmt, quality), durable=durable,
+                        sync_folder=False)

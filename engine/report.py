@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.charts import LABEL_COLORS, bar_chart, line_chart
+from engine.durable import write_atomic
 from engine.errors import PawcamError
 from engine.results import STATUS_ERROR, UNCERTAIN, unneutralize
 
@@ -246,9 +247,7 @@ def write_report(folder: Path, csv_name: str | None = None, *, out: Path | None 
         raise PawcamError(f"{csv_path} not found")
     html = render_report(csv_path, embed=embed, max_items=max_items)
     out = Path(out) if out is not None else folder / REPORT_NAME
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(out)
+    write_atomic(out, html.encode("utf-8"), durable=False)
     log.info("report written to %s", out)
     return out
 

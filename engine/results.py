@@ -8,6 +8,13 @@ The file opens with plain ``pandas.read_csv(path)``: UTF-8, a header, RFC 4180 q
 file name is safe: commas, quotes, newlines, non-ASCII). Text cells that a spreadsheet would run
 as a formula (starting with ``= + - @``, tab or carriage return) get a leading ``'``.
 A crash can at worst leave a partial last record; opening the file again cuts it off.
+
+``input_path``: one name, everywhere, for how an input is shown (the path as given on the
+command line, inbox-relative in the daemon, folder-relative in evaluate): ``Result.input_path``,
+``engine.classifier.Job.input_path`` and the daemon's ``watcher.spool.Item.input_path``. It is
+the CSV column users already read and script against, and that column's name cannot change, so
+the code takes the users' word rather than a second one (it was also ``display_path`` and
+``rel``); grepping for the column finds every place the value passes through.
 """
 from __future__ import annotations
 
@@ -16,9 +23,10 @@ import io
 import logging
 import os
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
+
+from engine.text import printable, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +59,6 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.status == STATUS_OK
-
-
-def utc_now() -> str:
-    """UTC ISO 8601 with milliseconds and a Z: ``2026-11-24T14:03:07.123Z``."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def printable(name: str) -> str:
-    """A file name as valid UTF-8 text: undecodable bytes become ``\\xNN`` escapes."""
-    try:
-        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte (Windows names)
-        return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def neutralize(cell: str) -> str:

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from engine.decode import input_open_flags
-from engine.results import STATUS_OK, ResultsCsv, printable, unneutralize
+from engine.results import STATUS_OK, ResultsCsv, unneutralize
+from engine.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +85,9 @@ class DoneIndex:
                 index.add(unneutralize(path), sha)
         return index
 
-    def is_done(self, path: Path, follow_symlinks: bool, display_path: str | None = None) -> bool:
-        """True when ``path`` (shown as ``display_path``) has an ok row for its current bytes."""
-        shown = printable(display_path if display_path is not None else str(path))
+    def is_done(self, path: Path, follow_symlinks: bool, input_path: str | None = None) -> bool:
+        """True when ``path`` (shown as ``input_path``) has an ok row for its current bytes."""
+        shown = printable(input_path if input_path is not None else str(path))
         if _key(shown) not in self._paths:
             return False
         digest = file_sha256(path, follow_symlinks)

@@ -28,7 +28,7 @@ def settings(tiny_model_path):
 
 @pytest.fixture(scope="module")
 def classifier(settings):
-    return Classifier(settings)
+    return Classifier.from_settings(settings)
 
 
 def write_config(tmp_path: Path, model_path: Path, extra: str = "") -> Path:

@@ -517,8 +517,11 @@ def _settings(model_path: Path, **decode_changes):
 def classifier(tiny_model_path):
     from engine.classifier import Classifier
 
-    return Classifier(_settings(tiny_model_path, max_image_pixels=1_000_000,
-                                max_file_bytes=2_000_000))
+    return Classifier.from_settings(_classifier_settings(tiny_model_path))
+
+
+def _classifier_settings(tiny_model_path):
+    return _settings(tiny_model_path, max_image_pixels=1_000_000, max_file_bytes=2_000_000)
 
 
 def _bad_and_good_inputs(root: Path):
@@ -569,7 +572,7 @@ def test_process_gives_one_result_per_input_in_order(classifier, tmp_path):
     results = classifier.process(jobs, out_dir=out, threads=2)
 
     assert len(results) == len(jobs)
-    assert [r.input_path for r in results] == [j.display_path for j in jobs]
+    assert [r.input_path for r in results] == [j.input_path for j in jobs]
     assert [r.job_id for r in results] == [j.job_id for j in jobs]
     for (path, status, fragment), r in zip(cases, results):
         assert r.status == status, (path.name, r.error)
@@ -627,9 +630,9 @@ def test_process_without_pictures_gives_the_same_probabilities(tiny_model_path, 
     from engine.classifier import Classifier, Job
     from engine.config import replace
 
-    s = classifier.settings
-    no_pictures = Classifier(replace(s, gradcam=replace(s.gradcam, enabled=False)),
-                             loaded=classifier.loaded)
+    s = _classifier_settings(tiny_model_path)
+    no_pictures = Classifier.from_settings(replace(s, gradcam=replace(s.gradcam, enabled=False)),
+                                           loaded=classifier.loaded)
     paths = [write_image(tmp_path / f"p{i}.jpg", seed=30 + i) for i in range(4)]
     jobs = [Job(p, str(p), f"np-{i}") for i, p in enumerate(paths)]
     with_pics = classifier.process(jobs, out_dir=tmp_path / "o1")
@@ -642,18 +645,19 @@ def test_process_without_pictures_gives_the_same_probabilities(tiny_model_path, 
     assert not (tmp_path / "o2" / "gradcam").exists()
 
 
-def test_uncertainty_band_gives_uncertain_and_keeps_probabilities(classifier, tmp_path):
+def test_uncertainty_band_gives_uncertain_and_keeps_probabilities(tiny_model_path, classifier,
+                                                                  tmp_path):
     from engine.classifier import Classifier, Job
     from engine.config import replace
 
-    s = classifier.settings
+    s = _classifier_settings(tiny_model_path)
     paths = [write_image(tmp_path / f"u{i}.jpg", seed=40 + i) for i in range(3)]
     jobs = [Job(p, str(p), f"u-{i}") for i, p in enumerate(paths)]
     sure = classifier.process(jobs, out_dir=tmp_path / "o1")
-    always = Classifier(replace(s, inference=replace(s.inference, uncertain_below=1.0)),
-                        loaded=classifier.loaded)
-    never = Classifier(replace(s, inference=replace(s.inference, uncertain_below=0.0)),
-                       loaded=classifier.loaded)
+    always = Classifier.from_settings(
+        replace(s, inference=replace(s.inference, uncertain_below=1.0)), loaded=classifier.loaded)
+    never = Classifier.from_settings(
+        replace(s, inference=replace(s.inference, uncertain_below=0.0)), loaded=classifier.loaded)
     for r_sure, r_unc, r_none in zip(sure, always.process(jobs, out_dir=tmp_path / "o2"),
                                      never.process(jobs, out_dir=tmp_path / "o3")):
         assert r_unc.label == "uncertain" and r_unc.ok

@@ -17,7 +17,7 @@ def classifier(tiny_model_path):
     s = load_settings(None)
     s = replace(s, model=replace(s.model, path=tiny_model_path),
                 inference=replace(s.inference, batch_size=4, runtime="tensorflow"))
-    return Classifier(s)
+    return Classifier.from_settings(s)
 
 
 def _jobs(folder, n, bad=()):
@@ -115,3 +115,29 @@ def test_storage_fault_propagates_and_abandon_returns_what_was_in_flight(classif
         assert pipe.in_flight == 0 and list(pipe.completed()) == []
     finally:
         pipe.close()
+
+
+def test_a_classifier_takes_only_what_it_uses(classifier, tmp_path):
+    """A runtime plus picture options, decode limits and the uncertainty band: no settings tree.
+    Small overlays only, sharing the runtime of a classifier built from settings."""
+    from engine.config import DecodeSettings
+    from engine.render import PictureOptions
+
+    small = Classifier(classifier.runtime, PictureOptions(outputs=("overlay",), max_side=32,
+                                                          format="png", annotate=False),
+                       DecodeSettings(max_image_pixels=10_000), uncertain_below=1.0, batch_size=3,
+                       threads=2)
+    assert not hasattr(small, "settings") and small.outputs == ("overlay",)
+    jobs = _jobs(tmp_path / "in", 4)
+    big = tmp_path / "in" / "big.png"
+    write_image(big, fmt="PNG", width=200, height=100, seed=9)   # 20,000 px over the limit
+    results = small.process([*jobs, Job(big, "big.png", "p-big")], out_dir=tmp_path / "out")
+    assert [r.status for r in results] == ["ok"] * 4 + ["error"]
+    assert all(r.label == "uncertain" and list(r.pictures) == ["overlay"] for r in results[:4])
+    assert all(r.pictures["overlay"].endswith(".overlay.png") for r in results[:4])
+    assert sorted(p.name for p in (tmp_path / "out" / "gradcam").iterdir()) == sorted(
+        r.pictures["overlay"].split("/")[-1] for r in results[:4])
+    from PIL import Image
+
+    with Image.open(tmp_path / "out" / results[0].pictures["overlay"]) as im:
+        assert max(im.size) <= 32

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.render import (MAX_STEM, attention_gray, draw_caption, encode_picture, heatmap,
-                           overlay, safe_stem, safe_token, write_picture)
+from engine.render import (attention_gray, draw_caption, encode_picture, heatmap, overlay,
+                           write_picture)
+from engine.text import MAX_STEM, safe_stem, safe_token
 from tests.helpers import photo_like
 
 SAFE = re.compile(r"^[A-Za-z0-9._-]+$")

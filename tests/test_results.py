@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from engine.errors import PawcamError
-from engine.results import (Result, ResultsCsv, columns, last_complete_record_end, neutralize,
-                            printable, utc_now)
+from engine.results import Result, ResultsCsv, columns, last_complete_record_end, neutralize
+from engine.text import printable, utc_now
 
 CLASSES = ("cat", "dog")
 ROOT = Path(__file__).resolve().parents[1]

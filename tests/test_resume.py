@@ -28,7 +28,7 @@ def settings(tiny_model_path):
 
 @pytest.fixture(scope="module")
 def classifier(settings):
-    return Classifier(settings)
+    return Classifier.from_settings(settings)
 
 
 def rows(out: Path) -> pd.DataFrame:

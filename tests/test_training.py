@@ -151,7 +151,7 @@ def test_engine_loads_trained_model_and_predicts(binary_run):
     loaded = load_model(run / "model.keras")
     assert TARGET_LAYER in [layer.name for layer in loaded.model.layers]  # flat graph
     settings = load_settings(None)
-    clf = Classifier(settings, loaded=loaded)
+    clf = Classifier.from_settings(settings, loaded=loaded)
     files = sorted((data / "test").rglob("*.jpg"))
     jobs = [Job(f, f.name, f"t{i}") for i, f in enumerate(files)]
     results = clf.process(jobs, out_dir=run / "predict_out")

@@ -24,7 +24,7 @@ def test_shipped_model_scores_on_real_test_photos(shared_dir, tmp_path):
     settings = load_settings(None)
     settings = replace(settings, model=replace(settings.model, path=MODEL),
                        gradcam=replace(settings.gradcam, enabled=False))
-    clf = Classifier(settings)
+    clf = Classifier.from_settings(settings)
     assert clf.meta.class_names == ("cat", "dog")
     jobs, truth = [], []
     for label in ("cat", "dog"):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from engine.config import load_settings
+from engine.durable import free_name, is_temp, move_no_clobber, numbered_name, rename_noreplace
 from engine.errors import ConfigError, ImageError
 from engine.results import STATUS_ERROR, Result, ResultsCsv
 from watcher.config import DEFAULT_IGNORE, WatcherSettings, watcher_settings
@@ -23,13 +24,11 @@ from watcher.policy import (
     Tracker,
     batch_deadline,
     batch_ready,
-    free_name,
     is_ignored,
-    numbered_name,
     settled,
 )
 from watcher.sdnotify import Notifier, sd_notify, socket_address, watchdog_interval
-from watcher.spool import Spool, move_no_clobber, rename_noreplace
+from watcher.spool import Spool
 from watcher.status import Status, format_status, read_status
 
 
@@ -190,7 +189,7 @@ def test_claim_and_finalize_keep_relative_paths_and_never_overwrite(tmp_path):
     for rel in ("sub/a.jpg", "b.jpg"):
         (sp.inbox / rel).write_bytes(rel.encode())
     batch = sp.claim("b1", [("j1", "sub/a.jpg", 0.0), ("j2", "b.jpg", 0.0), ("j3", "gone.jpg", 0.0)])
-    assert [i.rel for i in batch.items] == ["sub/a.jpg", "b.jpg"]        # vanished: skipped
+    assert [i.input_path for i in batch.items] == ["sub/a.jpg", "b.jpg"]        # vanished: skipped
     assert batch.manifest.exists() and not (sp.inbox / "b.jpg").exists()
     (sp.processed / "sub").mkdir(parents=True)
     (sp.processed / "sub/a.jpg").write_bytes(b"older")
@@ -241,12 +240,12 @@ class FakeClassifier:
         return np.tile([0.2, 0.8], (len(images), 1)), None
 
     def finish(self, job, image, probs, cam, out_dir, durable=False):
-        return Result(input_path=job.display_path, job_id=job.job_id, label="dog",
+        return Result(input_path=job.input_path, job_id=job.job_id, label="dog",
                       confidence=float(probs[1]), probabilities={"cat": 0.2, "dog": 0.8},
                       width=8, height=8, model_version="fake-1", sha256=image.sha256)
 
     def error_result(self, job, error, sha256=""):
-        return Result(input_path=job.display_path, job_id=job.job_id, status=STATUS_ERROR,
+        return Result(input_path=job.input_path, job_id=job.job_id, status=STATUS_ERROR,
                       error=str(error), model_version="fake-1")
 
 
@@ -347,7 +346,7 @@ def _daemon(tmp_path, batch_size: int | None = 4):
 
 
 def _drop_inputs(inbox: Path) -> set[str]:
-    from engine.results import printable
+    from engine.text import printable
 
     inbox.mkdir(exist_ok=True)
     (inbox / "sub").mkdir()
@@ -404,7 +403,7 @@ CRASH_POINTS = ["manifest", "claim_rename", "before_commit", "partial_commit", "
 def test_crash_at_any_step_then_restart_gives_exactly_one_row_per_file(tmp_path, monkeypatch,
                                                                         point):
     import watcher.spool as spool_mod
-    from engine.results import printable
+    from engine.text import printable
     from watcher.daemon import Daemon
 
     expected = _drop_inputs(tmp_path / "inbox")
@@ -467,7 +466,7 @@ def test_crash_at_any_step_then_restart_gives_exactly_one_row_per_file(tmp_path,
 
 
 def test_fit_name_and_flattened_fallback(tmp_path):
-    from watcher.spool import fit_name
+    from engine.durable import fit_name
 
     long = "x" * 300 + ".jpeg"
     assert len(os.fsencode(fit_name(long, 240))) <= 240 and fit_name(long, 240).endswith(".jpeg")
@@ -596,7 +595,7 @@ def test_claim_never_follows_a_folder_swapped_for_a_symlink(tmp_path):
     (sp.inbox / "real" / "deep").mkdir(parents=True)
     (sp.inbox / "real" / "deep" / "y.jpg").write_bytes(b"IMG-y")
     batch = sp.claim("b1", [("j1", "sub/x.jpg", 0.0), ("j2", "real/deep/y.jpg", 0.0)])
-    assert [i.rel for i in batch.items] == ["real/deep/y.jpg"]
+    assert [i.input_path for i in batch.items] == ["real/deep/y.jpg"]
     assert os.listdir(victim) == ["x.jpg"] and _left(sp) == ["batch-b1.json", "j2"]
     assert sp.claim("b2", [("j3", "sub/x.jpg", 0.0)]).items == []
     assert os.listdir(victim) == ["x.jpg"] and _left(sp) == ["batch-b1.json", "j2"]
@@ -605,7 +604,7 @@ def test_claim_never_follows_a_folder_swapped_for_a_symlink(tmp_path):
 def test_failure_note_of_a_long_name_is_written_and_temp_files_never_stay(tmp_path):
     """B5: a legal 250-byte name still gets its <name>.error.txt note; a failed atomic write
     leaves no temp file behind."""
-    from watcher.spool import write_atomic
+    from engine.durable import write_atomic
 
     sp = _spool(tmp_path)
     name = "x" * 246 + ".jpg"
@@ -618,7 +617,7 @@ def test_failure_note_of_a_long_name_is_written_and_temp_files_never_stay(tmp_pa
     with pytest.raises(OSError):
         write_atomic(tmp_path / "dir", b"data")             # cannot replace a folder
     assert sorted(os.listdir(tmp_path)) == ["dir", "inbox", "outbox"]
-    assert [n for n in os.listdir(sp.failed) if n.startswith(".tmp-")] == []
+    assert [n for n in os.listdir(sp.failed) if is_temp(n)] == []
 
 
 def test_stop_timer_is_cancelled_once_shutdown_is_done(tmp_path, monkeypatch):
@@ -727,10 +726,10 @@ def test_unclaim_never_goes_through_a_folder_swapped_for_a_symlink(tmp_path):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_rename_noreplace_relative_to_a_folder_fd(tmp_path, monkeypatch, native):
-    import watcher.spool as spool_mod
+    import engine.durable as durable_mod
 
     if not native:                                      # old kernel / FUSE: the fallback
-        monkeypatch.setattr(spool_mod, "_renameat2", lambda: None)
+        monkeypatch.setattr(durable_mod, "_renameat2", lambda: None)
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "taken").write_text("keep")
     (tmp_path / "a").write_text("a")

@@ -29,7 +29,7 @@ from engine.decode import DecodedImage
 from engine.errors import ConfigError
 from engine.modelio import LoadedModel
 from engine.pipeline import Pipeline
-from engine.render import overlay
+from engine.render import PictureOptions, overlay
 from engine.runtime import Runtime
 from training import calibration, metrics
 from training.dataset import Skipped, scan_split
@@ -108,13 +108,13 @@ def evaluate_folder(settings: Settings, model: LoadedModel | Runtime, folder: Pa
 
     t0 = time.perf_counter()
     # Pictures only as overlays, small: the engine's preview is then at most GALLERY_SIDE px.
-    eval_settings = replace(settings, gradcam=replace(
-        settings.gradcam, enabled=gallery_size > 0, outputs=("overlay",),
-        max_side=min(settings.gradcam.max_side, GALLERY_SIDE)))
+    pictures = replace(PictureOptions.from_settings(settings.gradcam),
+                       outputs=("overlay",) if gallery_size > 0 else (),
+                       max_side=min(settings.gradcam.max_side, GALLERY_SIDE))
     if isinstance(model, LoadedModel):
-        clf = Classifier(eval_settings, loaded=model)
+        clf = Classifier.from_settings(settings, loaded=model, pictures=pictures)
     else:
-        clf = Classifier(eval_settings, runtime=model)
+        clf = Classifier.from_settings(settings, runtime=model, pictures=pictures)
     meta = clf.meta
     layout = scan_split(folder, meta.class_names)
     n = len(layout.files)
@@ -135,8 +135,8 @@ def evaluate_folder(settings: Settings, model: LoadedModel | Runtime, folder: Pa
             previews[i] = image.preview if image.preview is not None else image.model_input
 
     def failed(job: Job, error: Exception) -> None:
-        skipped.append(Skipped(job.display_path, getattr(error, "code", "image_error"), str(error)))
-        log.warning("skipping %s: %s", job.display_path, error)
+        skipped.append(Skipped(job.input_path, getattr(error, "code", "image_error"), str(error)))
+        log.warning("skipping %s: %s", job.input_path, error)
 
     batch = settings.inference.batch_size
     chunks = [jobs[i:i + batch] for i in range(0, n, batch)]
@@ -178,7 +178,7 @@ def evaluate_folder(settings: Settings, model: LoadedModel | Runtime, folder: Pa
         caption = f"{meta.class_names[pi]} {format_confidence(conf)} (true {meta.class_names[layout.labels[i]]})"
         pic = overlay(previews[i], cams[i], alpha=g.overlay_alpha, colormap=g.colormap,
                       caption=caption)
-        gallery.append(GalleryItem(jobs[i].display_path, meta.class_names[layout.labels[i]],
+        gallery.append(GalleryItem(jobs[i].input_path, meta.class_names[layout.labels[i]],
                                    meta.class_names[pi], conf, pic))
     seconds = time.perf_counter() - t0
     log.info("evaluated %d images in %.1f s: accuracy %.4f, ROC-AUC %.4f, ECE %.4f",

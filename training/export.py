@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -37,6 +36,7 @@ import numpy as np
 
 from engine.config import Settings
 from engine.decode import load_model_input
+from engine.durable import atomic_path, write_atomic
 from engine.errors import ConfigError, ImageError, ModelLoadError
 from engine.gradcam import CLOSED_FORM_METHODS, GradCam
 from engine.modelio import LoadedModel, ModelMeta, file_sha256, load_model
@@ -147,13 +147,9 @@ def export_layer(settings: Settings) -> str:
 
 # -- 2-5. files and checks ------------------------------------------------------------------
 def write_onnx(model: Any, path: Path) -> None:
-    """Keras' ONNX export into ``path`` (atomically)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    """Keras' ONNX export into ``path`` (atomically, durably)."""
+    with atomic_path(path) as tmp:
         model.export(str(tmp), format="onnx", verbose=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _decode_batches(paths: Sequence[Path], settings: Settings, meta: ModelMeta,
@@ -235,17 +231,13 @@ def quantize_int8(fp32: Path, int8: Path, calibration: Sequence[Path], settings:
     with tempfile.TemporaryDirectory(prefix="pawcam-export-") as tmp, _quiet_root():
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-        tmp_out = int8.with_name(f".{int8.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_path(int8) as tmp_out:
             quantize_static(
                 str(prepared), str(tmp_out),
                 _Calibration(_decode_batches(calibration, settings, meta, 16), "image"),
                 quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax)
-            os.replace(tmp_out, int8)
-        finally:
-            tmp_out.unlink(missing_ok=True)
 
 
 def map_correlation(a: np.ndarray, b: np.ndarray) -> list[float]:
@@ -408,9 +400,7 @@ def export_model(model_path: Path, settings: Settings, *,
         versions={"keras": keras.__version__, "onnx": onnx.__version__,
                   "onnxruntime": onnxruntime.__version__})
     path = manifest_path_for(model_path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(manifest.to_json(), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, manifest.to_json().encode("utf-8"))
     log.info("exported %s in %.1f s: %s", model_path, time.perf_counter() - t0,
              ", ".join(f["file"] for f in files.values()))
     return manifest

@@ -23,7 +23,8 @@ import numpy as np
 
 from engine.classifier import format_confidence
 from engine.modelio import ModelMeta
-from engine.render import safe_stem, write_picture
+from engine.render import write_picture
+from engine.text import safe_stem
 
 log = logging.getLogger(__name__)
 

@@ -71,7 +71,8 @@ import numpy as np
 
 from engine.config import Settings
 from engine.errors import ConfigError, ModelLoadError
-from engine.modelio import ModelMeta, load_model, meta_path_for, save_model
+from engine.durable import atomic_path
+from engine.modelio import ModelMeta, load_model, meta_path_for, save_model, write_meta
 from training import cache, calibration, model as model_lib
 from training.cache import RecordReader, RecordWriter
 from training.config import TrainingSettings, training_settings
@@ -671,10 +672,7 @@ def _summary(ev: Evaluation) -> dict[str, Any]:
 
 
 def _write_meta(model_path: Path, meta: ModelMeta) -> None:
-    path = meta_path_for(model_path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(meta.to_json(), encoding="utf-8")
-    tmp.replace(path)
+    write_meta(model_path, meta)
 
 
 def is_better(new: dict[str, Any], old: dict[str, Any]) -> bool:
@@ -717,12 +715,11 @@ def _maybe_install(settings: Settings, model_path: Path, meta: ModelMeta, evalua
             log.info("new model is better: accuracy %.4f (installed %.4f), ROC-AUC %.5f "
                      "(installed %.5f)", n["accuracy"], o["accuracy"], n["roc_auc"], o["roc_auc"])
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.stem + ".tmp.keras")
-    shutil.copyfile(model_path, tmp)
-    meta_tmp = meta_path_for(target).with_name(meta_path_for(target).name + ".tmp")
-    shutil.copyfile(meta_path_for(model_path), meta_tmp)
-    tmp.replace(target)
-    meta_tmp.replace(meta_path_for(target))
+    # both copies complete before either is renamed (the model first, then its metadata)
+    with atomic_path(meta_path_for(target)) as meta_tmp, \
+            atomic_path(target, keep_suffix=True) as tmp:
+        shutil.copyfile(model_path, tmp)
+        shutil.copyfile(meta_path_for(model_path), meta_tmp)
     report = report_dir_for(target)
     if report.exists():
         shutil.rmtree(report)

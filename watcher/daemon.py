@@ -36,18 +36,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from engine.bulk import new_run_id
 from engine.classifier import PICTURES_DIR, format_confidence
 from engine.config import Settings, load_settings, replace
+from engine.durable import complete_moves, fsync_dir, write_atomic
 from engine.errors import PawcamError, describe_os_error, is_storage_fault
 from engine.pipeline import Pipeline
-from engine.results import Result, ResultsCsv, printable, utc_now
+from engine.results import Result, ResultsCsv
+from engine.text import new_run_id, printable, shown, utc_now
 from watcher.config import WatcherSettings, watcher_settings
 from watcher.metrics import DaemonMetrics, NullMetrics
 from watcher.observer import COMPLETE, DIR, DIR_GONE, Notice, start_observer
 from watcher.policy import Tracker, is_ignored, signature
 from watcher.sdnotify import Notifier
-from watcher.spool import ClaimedBatch, Spool, complete_moves, fsync_dir, shown, write_atomic
+from watcher.spool import ClaimedBatch, Spool
 from watcher.status import Status
 
 log = logging.getLogger("pawcam.watch")
@@ -191,7 +192,7 @@ class Daemon:
         from engine.classifier import Classifier
 
         t0 = time.monotonic()
-        clf = Classifier(settings)
+        clf = Classifier.from_settings(settings)
         Daemon._check_and_warm_up(clf)
         log.info("model %s loaded in %.1f s", clf.meta.version, time.monotonic() - t0)
         return clf
@@ -448,7 +449,7 @@ class Daemon:
             # the inbox; a rescan finds them again once the fault is gone
             self._rescan_soon()
             raise _placed(exc, self.spool.processing)
-        claimed = {item.rel for item in batch.items}
+        claimed = {item.input_path for item in batch.items}
         for _, rel, _ in entries:
             if rel not in claimed and os.path.lexists(self.inbox / rel):
                 self.blocked.add(rel)  # could not be renamed: do not spin on it
@@ -457,7 +458,7 @@ class Daemon:
     def _jobs(self, batch: ClaimedBatch):
         from engine.classifier import Job
 
-        return [Job(item.path, item.rel, item.job_id) for item in batch.items]
+        return [Job(item.path, item.input_path, item.job_id) for item in batch.items]
 
     def _run_model(self) -> None:
         """The oldest claimed batch through the model (its pictures start on the pool)."""
@@ -509,7 +510,7 @@ class Daemon:
                 where = "(vanished from the processing area: the inbox was removed?)"
                 log.warning("%s vanished from the processing area before it could be moved "
                             "out (the inbox or its processing area was removed?); its row is "
-                            "in the results", shown(item.rel))
+                            "in the results", shown(item.input_path))
             except OSError as exc:
                 all_moved = False
                 if transient(exc):
@@ -519,16 +520,16 @@ class Daemon:
                 else:
                     where = (f"(left in processing area, {exc.strerror or exc}; moved at next "
                              "start)")
-                    log.error("cannot move %s out of the processing area: %s", shown(item.rel),
-                              exc)
+                    log.error("cannot move %s out of the processing area: %s",
+                              shown(item.input_path), exc)
             where = self._short(where)
             if r.ok:
                 ok += 1
-                log.info("done %s: %s %s -> %s [%s]", shown(item.rel), r.label,
+                log.info("done %s: %s %s -> %s [%s]", shown(item.input_path), r.label,
                          format_confidence(r.confidence or 0.0), where, item.job_id)
             else:
                 failed += 1
-                log.warning("failed %s: %s -> %s [%s]", shown(item.rel), printable(r.error),
+                log.warning("failed %s: %s -> %s [%s]", shown(item.input_path), printable(r.error),
                             where, item.job_id)
         try:
             complete_moves(deferred)
@@ -609,7 +610,7 @@ class Daemon:
                         raise
                     done += 1
                     log.warning("%s vanished from the processing area (the inbox was "
-                                "removed?); its row is in the results", shown(item.rel))
+                                "removed?); its row is in the results", shown(item.input_path))
                     continue
                 except OSError as exc:
                     if retry and transient(exc):
@@ -621,11 +622,11 @@ class Daemon:
                     batch.keep_manifest = True
                     stuck += 1
                     log.error("cannot move %s out of the processing area: %s (tried again at "
-                              "the next start)", shown(item.rel), exc)
+                              "the next start)", shown(item.input_path), exc)
                     continue
                 done += 1
                 log.info("recovered %s: already in the results; -> %s [%s]",
-                         shown(item.rel), self._short(where), item.job_id)
+                         shown(item.input_path), self._short(where), item.job_id)
             if kept:
                 again.append(ClaimedBatch(batch.batch_id, batch.manifest, kept,
                                           recovered=batch.recovered))
@@ -635,7 +636,8 @@ class Daemon:
                 for item in batch.items:   # (after a fault: one summary line, see _try_resume)
                     log.log(logging.DEBUG if retry else logging.INFO,
                             "%s %s: classifying it again [%s]",
-                            "retrying" if retry else "recovered", shown(item.rel), item.job_id)
+                            "retrying" if retry else "recovered", shown(item.input_path),
+                            item.job_id)
                 self.pending.append(batch)
             elif not batch.keep_manifest and not kept:
                 self.spool.drop_manifest(batch)
@@ -1019,7 +1021,7 @@ class Daemon:
 
 
 def _utc_in(seconds: float) -> str:
-    """UTC ISO time ``seconds`` from now, like :func:`engine.results.utc_now`."""
+    """UTC ISO time ``seconds`` from now, like :func:`engine.text.utc_now`."""
     from datetime import datetime, timedelta, timezone
 
     at = datetime.now(timezone.utc) + timedelta(seconds=max(0.0, seconds))

@@ -9,7 +9,7 @@ import fnmatch
 import itertools
 import stat
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 
 def is_ignored(rel: str, patterns: Sequence[str]) -> bool:
@@ -52,25 +52,6 @@ def batch_ready(now: float, first_ready: float | None, count: int, batch_size: i
 def batch_deadline(first_ready: float | None, max_wait_s: float) -> float | None:
     """When the pending partial batch must go out (None: nothing pending)."""
     return None if first_ready is None else first_ready + max_wait_s
-
-
-def numbered_name(name: str, n: int) -> str:
-    """``photo.jpg``, 1 -> ``photo (1).jpg``; ``README``, 2 -> ``README (2)``; ``.x``, 1 -> ``.x (1)``."""
-    if n == 0:
-        return name
-    dot = name.rfind(".")
-    if dot <= 0:
-        return f"{name} ({n})"
-    return f"{name[:dot]} ({n}){name[dot:]}"
-
-
-def free_name(name: str, taken: Callable[[str], bool], limit: int = 100_000) -> str:
-    """The first of ``name``, ``name (1)``, ``name (2)`` ... for which ``taken`` is False."""
-    for n in range(limit):
-        candidate = numbered_name(name, n)
-        if not taken(candidate):
-            return candidate
-    raise FileExistsError(f"no free name for {name!r} after {limit} tries")
 
 
 Signature = tuple[int, int, int]  # (file type bits, size, mtime_ns)

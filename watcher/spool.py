@@ -14,256 +14,32 @@ was either finalized or never claimed (the file is still in the inbox and is fou
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import json
 import logging
 import os
-import secrets
-import shutil
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Collection, Iterable
+from typing import Callable, Collection
 
-from engine.results import printable
-from watcher.policy import free_name, numbered_name
+from engine.durable import (SpecialFileRemoved, fsync_dir, is_temp, move_no_clobber,
+                            rename_noreplace, write_atomic)
+from engine.text import printable, shown
 
 log = logging.getLogger(__name__)
 
 MANIFEST_PREFIX = "batch-"
 MANIFEST_SUFFIX = ".json"
-TMP_PREFIX = ".tmp-"
 SIDECAR_SUFFIX = ".error.txt"
 LOCK_NAME = ".lock"
-
-
-def shown(rel: str) -> str:
-    """A path as one log-safe token: quoted, newlines and odd bytes escaped."""
-    return json.dumps(printable(rel), ensure_ascii=False)
-
-
-# -- durable file-system primitives -------------------------------------------------------------
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write ``path`` via a temp file in the same folder + rename: readers never see half.
-    The temp name does not depend on ``path``'s name (a 250-byte name must still fit) and the
-    temp file is removed if anything fails."""
-    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    if durable:
-        fsync_dir(path.parent)
-
-
-_RENAME_NOREPLACE = 1
-_AT_FDCWD = -100
-_libc = None
-
-
-def _renameat2():
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            getattr(_libc, "renameat2")
-        except (OSError, AttributeError):
-            _libc = False
-    return _libc.renameat2 if _libc else None
-
-
-def rename_noreplace(src: Path, dst: Path | str, dst_dir_fd: int | None = None) -> None:
-    """Atomic rename that fails with FileExistsError instead of replacing ``dst``.
-
-    renameat2(RENAME_NOREPLACE) (Linux >= 3.15 on ext4, xfs, btrfs, tmpfs, ...): atomic, never
-    replaces. Where the kernel or file system lacks it (EINVAL/ENOSYS/ENOTSUP: other systems,
-    some network and FUSE file systems) the fallback is a check then a rename, which is NOT
-    atomic: a file created at ``dst`` between the two is replaced. Into the outbox that needs
-    someone else writing there; for :meth:`Spool.unclaim` into the inbox it needs a new drop
-    under the same name in that instant (a link + unlink would avoid it but could leave the
-    file under both names after a crash, i.e. two rows).
-    ``dst_dir_fd``: ``dst`` is a name relative to that folder fd.
-    """
-    fn = _renameat2()
-    if fn is not None:
-        rc = fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD if dst_dir_fd is None else dst_dir_fd,
-                os.fsencode(dst), _RENAME_NOREPLACE)
-        if rc == 0:
-            return
-        err = ctypes.get_errno()
-        if err == errno.EEXIST:
-            raise FileExistsError(err, os.strerror(err), str(dst))
-        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
-            raise OSError(err, os.strerror(err), str(src))
-    try:
-        os.stat(dst, dir_fd=dst_dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        pass
-    else:
-        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
-    os.rename(src, dst, dst_dir_fd=dst_dir_fd)
-
-
-NAME_MAX = 255
-
-
-def fit_name(name: str, limit: int) -> str:
-    """``name`` cut to at most ``limit`` bytes (file systems allow 255), keeping a short suffix,
-    so that `` (12)`` and ``.error.txt`` still fit."""
-    raw = os.fsencode(name)
-    if len(raw) <= limit:
-        return name
-    dot = name.rfind(".")
-    suffix = name[dot:] if 0 < dot and len(os.fsencode(name[dot:])) <= 16 else ""
-    stem = os.fsencode(name[:len(name) - len(suffix)])[:limit - len(os.fsencode(suffix))]
-    return os.fsdecode(stem) + suffix
-
-
-def _same_file(a: Path, st) -> bool:
-    try:
-        other = os.lstat(a)
-    except OSError:
-        return False
-    return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
-
-
-def move_no_clobber(src: Path, folder: Path, name: str, also_free: Iterable[str] = (),
-                    deferred: list[tuple[Path, Path]] | None = None) -> Path:
-    """Move ``src`` (a file or a symlink, never followed) into ``folder`` as ``name``, or
-    ``name (1)``, ``name (2)`` ... so that nothing is ever overwritten. Works across file
-    systems (copy, fsync, rename, unlink). ``also_free``: suffixes that must be free too
-    (the failure sidecar). Idempotent after a crash between link and unlink: a name that is
-    already this very file is reused. With ``deferred`` (a list), a hard-linked ``src`` is not
-    unlinked yet: ``(src, dst)`` is appended for :func:`complete_moves`, which makes a whole
-    batch's new names durable with one fsync per folder before unlinking the old ones."""
-    folder.mkdir(parents=True, exist_ok=True)
-    suffixes = tuple(also_free)
-    name = fit_name(name, NAME_MAX - 6 - max((len(x) for x in suffixes), default=0))
-    st = os.lstat(src)
-
-    def taken(candidate: str) -> bool:
-        return any(os.path.lexists(folder / (candidate + s)) for s in ("", *suffixes))
-
-    use_link = True
-    n = 0
-    while True:
-        dst = folder / numbered_name(name, n)
-        if _same_file(dst, st):             # linked before a crash, not yet unlinked
-            if deferred is not None:
-                deferred.append((src, dst))
-            else:
-                os.unlink(src)
-            return dst
-        if taken(dst.name):
-            n += 1
-            continue
-        try:
-            if use_link:
-                # link + unlink rather than rename: the inbox watch then sees a deletion, not an
-                # unpaired IN_MOVED_FROM (which watchdog holds back 0.5 s, delaying later events)
-                try:
-                    os.link(src, dst, follow_symlinks=False)
-                except OSError as exc:
-                    if exc.errno in (errno.EEXIST, errno.EXDEV):
-                        raise
-                    use_link = False  # not the owner (protected_hardlinks), no hard links, ...
-                    continue
-                if deferred is not None:
-                    deferred.append((src, dst))
-                else:
-                    fsync_dir(folder)   # the new name is durable before the old one goes
-                    os.unlink(src)
-            else:
-                rename_noreplace(src, dst)
-            return dst
-        except FileExistsError:
-            n += 1
-            continue  # lost a race? the next name
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            return _copy_across(src, folder, name, taken)
-
-
-def complete_moves(deferred: list[tuple[Path, Path]]) -> None:
-    """Finish deferred link-moves: fsync each destination folder once, then unlink sources."""
-    for folder in {dst.parent for _, dst in deferred}:
-        fsync_dir(folder)
-    for src, _ in deferred:
-        try:
-            os.unlink(src)
-        except FileNotFoundError:
-            pass
-    deferred.clear()
-
-
-class SpecialFileRemoved(OSError):
-    """A FIFO, socket or device could not be moved to another file system and was removed."""
-
-
-def _copy_across(src: Path, folder: Path, name: str, taken) -> Path:
-    tmp = folder / f"{TMP_PREFIX}{os.getpid()}-{src.name}"
-    st = os.lstat(src)
-    if stat.S_ISLNK(st.st_mode):
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        os.symlink(os.readlink(src), tmp)
-    elif stat.S_ISREG(st.st_mode):
-        shutil.copyfile(src, tmp, follow_symlinks=False)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    else:  # FIFO, socket, device: nothing to copy across file systems
-        os.unlink(src)
-        raise SpecialFileRemoved(errno.EXDEV, "special file removed (cannot be copied to "
-                                 "another file system)", str(src))
-    while True:
-        dst = folder / free_name(name, taken)
-        try:
-            rename_noreplace(tmp, dst)
-            break
-        except FileExistsError:
-            continue
-    fsync_dir(folder)
-    os.unlink(src)
-    return dst
 
 
 # -- claimed batches ----------------------------------------------------------------------------
 @dataclass
 class Item:
     job_id: str
-    rel: str                  # inbox-relative path, '/'-separated; what the CSV shows
+    input_path: str           # inbox-relative, '/'-separated: the CSV's input_path (the
+    #                           manifests keep the key "rel": files older versions wrote)
     path: Path                # the claimed file, inside the processing area
     ready_at: float = 0.0     # monotonic time it became ready (for latency figures)
 
@@ -385,7 +161,7 @@ class Spool:
         """Give a claimed, unprocessed batch back to the inbox (clean stop). Like the claim,
         never through a folder that has become a symlink (the file then stays for recovery)."""
         for item in batch.items:
-            folder, _, name = item.rel.rpartition("/")
+            folder, _, name = item.input_path.rpartition("/")
             try:
                 if folder:
                     (self.inbox / folder).mkdir(parents=True, exist_ok=True)
@@ -398,7 +174,7 @@ class Spool:
                     os.close(fd)
             except OSError as exc:
                 log.info("%s stays in the processing area for the next start (%s)",
-                         shown(item.rel), exc.strerror or exc)
+                         shown(item.input_path), exc.strerror or exc)
                 return  # keep the manifest: recovery will take it
         fsync_dir(self.processing)
         self.drop_manifest(batch)
@@ -413,7 +189,8 @@ class Spool:
     def finalize(self, item: Item, ok: bool, error: str = "",
                  deferred: list[tuple[Path, Path]] | None = None) -> str:
         """After the commit: move (or delete) the claimed file; returns where it went.
-        ``deferred``: see :func:`move_no_clobber` (then call :func:`complete_moves`)."""
+        ``deferred``: see :func:`engine.durable.move_no_clobber` (then call
+        :func:`engine.durable.complete_moves`)."""
         if ok and self.delete_on_success:
             try:
                 os.unlink(item.path)
@@ -422,7 +199,7 @@ class Spool:
             return "deleted"
         root = self.processed if ok else self.failed
         suffixes = () if ok else (SIDECAR_SUFFIX,)
-        rel_parent, _, name = item.rel.rpartition("/")
+        rel_parent, _, name = item.input_path.rpartition("/")
         try:
             try:
                 dst = move_no_clobber(item.path, root / rel_parent, name, suffixes, deferred)
@@ -433,22 +210,22 @@ class Spool:
                                  errno.EIO):
                     raise
                 # e.g. processed/sub is a file from an earlier drop named "sub": flatten it
-                flat = item.rel.replace("/", "__")
-                log.info("cannot place %s under %s (%s); using %s", shown(item.rel), root,
+                flat = item.input_path.replace("/", "__")
+                log.info("cannot place %s under %s (%s); using %s", shown(item.input_path), root,
                          exc.strerror or exc, shown(flat))
                 dst = move_no_clobber(item.path, root, flat, suffixes, deferred)
         except SpecialFileRemoved:
             return "removed (a FIFO, socket or device cannot be moved to another file system)"
         if ok:
             return str(dst)
-        text = (f"{printable(item.rel)}\n"
+        text = (f"{printable(item.input_path)}\n"
                 f"job_id: {item.job_id}\n"
                 f"error: {printable(error) or 'unknown error'}\n")
         try:
             write_atomic(dst.with_name(dst.name + SIDECAR_SUFFIX), text.encode("utf-8"),
                          durable=False)
         except OSError as exc:
-            log.warning("cannot write the failure note for %s: %s", shown(item.rel), exc)
+            log.warning("cannot write the failure note for %s: %s", shown(item.input_path), exc)
         return str(dst)
 
     # -- recovery -----------------------------------------------------------------------------
@@ -470,7 +247,7 @@ class Spool:
             path = self.processing / entry
             if entry == LOCK_NAME:
                 continue
-            if entry.startswith(TMP_PREFIX):
+            if is_temp(entry):
                 os.unlink(path)
             elif entry.startswith(MANIFEST_PREFIX) and entry.endswith(MANIFEST_SUFFIX):
                 try:

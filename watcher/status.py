@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.results import utc_now
-from watcher.spool import write_atomic
+from engine.durable import write_atomic
+from engine.text import utc_now
 
 
 @dataclass

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 import stat
 import unicodedata
 from pathlib import Path
 from typing import BinaryIO
 
-from watcher.policy import is_ignored, numbered_name
-from watcher.spool import fit_name, rename_noreplace
+from engine.durable import fit_name, numbered_name, write_new
+from watcher.policy import is_ignored
 
 CONTENT_TYPES = {
     ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".jpe": "image/jpeg", ".png": "image/png",
@@ -30,7 +29,6 @@ CONTENT_TYPES = {
     ".tiff": "image/tiff", ".avif": "image/avif", ".heic": "image/heic",
 }
 UPLOAD_NAME_BYTES = 200
-UPLOAD_TEMP_PREFIX = ".pawcam-upload-"
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -131,42 +129,19 @@ def refuse_reason(name: str, ignore: tuple[str, ...]) -> str:
 
 
 def store_upload(inbox: Path, src: BinaryIO, name: str, max_bytes: int) -> tuple[str, int]:
-    """Copy ``src`` into the inbox as ``name`` (or ``name (1)``... if taken), atomically.
+    """Copy ``src`` into the inbox as ``name`` (or ``name (1)``... if taken), atomically
+    (:func:`engine.durable.write_new`: hidden temp, fsync, rename to a free name).
     Returns ``(stored name, size)``. Raises ValueError when over ``max_bytes`` (nothing left
     behind), OSError on a disk error (nothing left behind)."""
-    tmp = f"{UPLOAD_TEMP_PREFIX}{secrets.token_hex(8)}.part"
-    dir_fd = os.open(inbox, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                     | getattr(os, "O_CLOEXEC", 0), 0o644, dir_fd=dir_fd)
-        size = 0
-        try:
-            with os.fdopen(fd, "wb") as out:
-                for block in iter(lambda: src.read(1 << 20), b""):
-                    size += len(block)
-                    if size > max_bytes:
-                        raise ValueError(f"larger than the limit of {max_bytes:,} bytes "
-                                         "([serve] max_upload_bytes)")
-                    out.write(block)
-                out.flush()
-                os.fsync(out.fileno())
-            for n in range(10_000):
-                final = numbered_name(name, n)
-                try:
-                    rename_noreplace(inbox / tmp, final, dst_dir_fd=dir_fd)
-                    break
-                except FileExistsError:
-                    continue
-            else:  # pragma: no cover - 10,000 files of one name
-                raise FileExistsError(f"no free name for {name!r}")
-        except BaseException:
-            try:
-                os.unlink(tmp, dir_fd=dir_fd)
-            except OSError:
-                pass
-            raise
-        os.fsync(dir_fd)
-        return final, size
-    finally:
-        os.close(dir_fd)
+    size = 0
 
+    def blocks():
+        nonlocal size
+        for block in iter(lambda: src.read(1 << 20), b""):
+            size += len(block)
+            if size > max_bytes:
+                raise ValueError(f"larger than the limit of {max_bytes:,} bytes "
+                                 "([serve] max_upload_bytes)")
+            yield block
+
+    return write_new(inbox, blocks(), name), size

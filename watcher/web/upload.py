@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from engine.results import utc_now
+from engine.text import utc_now
 from watcher.web import files
 from watcher.web.pages import page
 from watcher.web.state import WebApp
