@@ -75,7 +75,8 @@ from engine.modelio import ModelMeta, load_model, meta_path_for, save_model
 from training import cache, calibration, model as model_lib
 from training.cache import RecordReader, RecordWriter
 from training.config import TrainingSettings, training_settings
-from training.dataset import decode_to_cache, scan_sources, stratified_split
+from training.dataset import scan_sources, stratified_split
+from training.photos import decode_to_cache
 from training.evaluate import Evaluation, evaluate_folder
 from training.report import card_path_for, report_dir_for, write_report
 
