@@ -12,7 +12,11 @@ training features (best epoch count), scoring the held-out fold gives honest log
 training image (seconds on cached features). T is fitted on the final model's validation
 logits + those cross-fitted logits. If fine-tuning won, the cross-fitted logits are a proxy
 (fine-tuning is short and at a low learning rate, so the logit scale moves little; the
-validation logits of the final model still count).
+validation logits of the final model still count). An earlier variant fitted the fine-tuned
+model on its 200 validation images only (prior centred on the cross-fitted T): with one
+mistake among them it sharpened to T ~ 0.89 and made test ECE slightly worse than no
+calibration. ECE (15 bins) before/after is recorded for the calibration set here and for the
+test set by the evaluation.
 """
 from __future__ import annotations
 
