@@ -44,7 +44,8 @@ from engine.gradcam import CLOSED_FORM_METHODS, GradCam
 from engine.modelio import LoadedModel, ModelMeta, file_sha256, load_model
 from engine.onnxio import ExportManifest, manifest_path_for, onnx_path_for
 from engine.runtime_ort import OrtRuntime, cams_from_class_maps
-from training.export_data import CALIBRATION_IMAGES, ExportData, decode_batches, export_data
+from training.export_data import (CALIBRATION_IMAGES, CalibrationReader, ExportData,
+                                  decode_batches, export_data)
 from training.metrics import map_correlation
 
 log = logging.getLogger("pawcam.export")
@@ -171,19 +172,6 @@ def check_fp32(loaded: LoadedModel, runtime: OrtRuntime, images: np.ndarray,
     return result
 
 
-class _Calibration:
-    """onnxruntime's CalibrationDataReader over decoded photos (one batch at a time)."""
-
-    def __init__(self, batches: Iterator[tuple[np.ndarray, list[int]]], input_name: str) -> None:
-        self.batches = batches
-        self.input_name = input_name
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        for images, _ in self.batches:
-            return {self.input_name: images}
-        return None
-
-
 @contextlib.contextmanager
 def _quiet_root() -> Iterator[None]:
     """onnxruntime's quantizer logs every rescaled weight at INFO on the root logger."""
@@ -210,7 +198,7 @@ def quantize_int8(fp32: Path, int8: Path, calibration: Sequence[Path], settings:
         try:
             quantize_static(
                 str(prepared), str(tmp_out),
-                _Calibration(decode_batches(calibration, settings, meta, 16), "image"),
+                CalibrationReader(decode_batches(calibration, settings, meta, 16), "image"),
                 quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax)

@@ -4,6 +4,7 @@
     found.calibration[:3], len(found.validation)
     for images, kept in decode_batches(found.validation, settings, meta):
         ...                                                  # float32 batches, bad files skipped
+    CalibrationReader(decode_batches(found.calibration, settings, meta, 16), "image")  # int8
 
 The photos are the model's own training folders (recorded in its metadata, or given), listed
 and split exactly as training did, decoded by the engine's own decode path.
@@ -57,6 +58,19 @@ def decode_batches(paths: Sequence[Path], settings: Settings, meta: ModelMeta,
                 log.warning("export: skipping %s: %s", paths[i], exc)
         if images:
             yield np.stack(images).astype(np.float32), kept
+
+
+class CalibrationReader:
+    """onnxruntime's CalibrationDataReader over decoded photos (one batch at a time)."""
+
+    def __init__(self, batches: Iterator[tuple[np.ndarray, list[int]]], input_name: str) -> None:
+        self.batches = batches
+        self.input_name = input_name
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        for images, _ in self.batches:
+            return {self.input_name: images}
+        return None
 
 
 def export_data(meta: ModelMeta, data: Path | Sequence[Path] | None, *,
