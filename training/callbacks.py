@@ -30,6 +30,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from engine.durable import atomic_path
+
 log = logging.getLogger(__name__)
 
 LOG_COLUMNS = ("phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy",
@@ -104,11 +106,11 @@ class BestWeights(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         val_loss = float((logs or {})["val_loss"])
-        self.full_model.save(self.ckpt_dir / "last.keras")
+        _save_checkpoint(self.full_model, self.ckpt_dir / "last.keras")
         if val_loss < self.best - 1e-6:
             self.best, self.best_epoch, self.wait = val_loss, epoch + 1, 0
             self.best_weights = self.full_model.get_weights()
-            self.full_model.save(self.ckpt_dir / "best.keras")
+            _save_checkpoint(self.full_model, self.ckpt_dir / "best.keras")
         else:
             self.wait += 1
             if self.wait >= self.patience:
@@ -157,3 +159,9 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.6g}"
     return "" if v is None else str(v)
+
+
+def _save_checkpoint(model: Any, path: Path) -> None:
+    """A checkpoint is replaced whole: a crash mid-save leaves the previous one, not half a file."""
+    with atomic_path(path, durable=False, keep_suffix=True) as tmp:
+        model.save(tmp)

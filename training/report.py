@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.classifier import format_confidence
+from engine.durable import write_atomic
 from engine.modelio import ModelMeta
 from engine.render import write_picture
 from engine.text import safe_stem
@@ -132,9 +133,9 @@ def write_report(model_path: Path, meta: ModelMeta, evaluation: Any) -> Path:
         entry["overlay"] = f
     data["model"] = {"file": model_path.name, "version": meta.version,
                      "class_names": list(meta.class_names), "temperature": meta.temperature}
-    (folder / "evaluation.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    write_atomic(folder / "evaluation.json", (json.dumps(data, indent=2) + "\n").encode("utf-8"))
     card = card_path_for(model_path)
-    card.write_text(render_card(model_path, meta, data, plots), encoding="utf-8")
+    write_atomic(card, render_card(model_path, meta, data, plots).encode("utf-8"))
     log.info("report written: %s and %s/", card, folder)
     return card
 
