@@ -145,11 +145,53 @@ def write_report(model_path: Path, meta: ModelMeta, evaluation: Any) -> Path:
         entry["overlay"] = f
     data["model"] = {"file": model_path.name, "version": meta.version,
                      "class_names": list(meta.class_names), "temperature": meta.temperature}
+    squashed = _previous(folder).get("squashed")
+    if squashed and squashed.get("version") == meta.version:
+        data["squashed"] = squashed   # benchmarks/squashed_check.py --card, same model
     write_atomic(folder / "evaluation.json", (json.dumps(data, indent=2) + "\n").encode("utf-8"))
     card = card_path_for(model_path)
     write_atomic(card, render_card(model_path, meta, data, plots).encode("utf-8"))
     log.info("report written: %s and %s/", card, folder)
     return card
+
+
+PLOTS = {"training curves": "training_curves.png", "confusion matrix": "confusion_matrix.png",
+         "ROC curve": "roc_curve.png", "reliability diagram": "reliability_diagram.png"}
+
+
+def _previous(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "evaluation.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def add_squashed_check(model_path: Path, meta: ModelMeta, squashed: dict[str, Any]) -> Path:
+    """Record the squashed-photos check (``benchmarks/squashed_check.py --card``) in the report's
+    evaluation.json and redraw the card from it; returns the card path."""
+    folder = report_dir_for(model_path)
+    data = _previous(folder)
+    if data.get("model", {}).get("version") != meta.version:
+        raise ValueError(f"{folder / 'evaluation.json'} is not this model's evaluation: run "
+                         "`pawcam evaluate` first")
+    data["squashed"] = {**squashed, "version": meta.version}
+    write_atomic(folder / "evaluation.json", (json.dumps(data, indent=2) + "\n").encode("utf-8"))
+    plots = {t: f for t, f in PLOTS.items() if (folder / f).exists()}
+    card = card_path_for(model_path)
+    write_atomic(card, render_card(model_path, meta, data, plots).encode("utf-8"))
+    return card
+
+
+def squashed_lines(sq: dict[str, Any]) -> list[str]:
+    """The card's section on squashed photos: the same test set resized without keeping its
+    aspect ratio, scored the same way."""
+    rows = [f"| {name} | {_pct(m['accuracy'])} | {m['roc_auc']:.5f} | {m['ece']:.4f} | {m['n']} |"
+            for name, m in (("as published", sq["natural"]), (sq["label"], sq["squashed"]))]
+    return ["## Squashed photos", "",
+            f"How it was checked: {sq['how']} Scored through the engine as served "
+            f"({sq['runtime']}).", "",
+            "| test photos | accuracy | ROC-AUC | ECE | images |", "|---|---|---|---|---|",
+            *rows, ""]
 
 
 def _pct(x: Any) -> str:
@@ -211,6 +253,8 @@ def render_card(model_path: Path, meta: ModelMeta, data: dict[str, Any],
               "|---" * (len(names) + 1) + "|"]
     for name, row in zip(names, m["confusion_matrix"]):
         lines.append(f"| **{name}** | " + " | ".join(str(v) for v in row) + " |")
+    if data.get("squashed"):
+        lines += [""] + squashed_lines(data["squashed"])[:-1]
     lines += ["", "## Plots", ""]
     for title, f in plots.items():
         lines.append(f"![{title}]({rel}/{f})")
