@@ -123,3 +123,32 @@ def plot_reliability(before: dict[str, list], after: dict[str, list], ece_before
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_faithfulness(scores: dict[str, Any], path: Path) -> None:
+    """Averaged deletion, insertion and ROAD curves, one line per method."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for method, s in scores.items():
+        c = s["curves"]
+        axes[0].plot(c["fractions"], c["deletion"], marker=".",
+                     label=f"{method} (AUC {s['deletion_auc']:.3f})")
+        axes[1].plot(c["fractions"], c["insertion"], marker=".",
+                     label=f"{method} (AUC {s['insertion_auc']:.3f})")
+        line, = axes[2].plot(c["road_fractions"], c["road_morf"], marker="v",
+                             label=f"{method} MoRF")
+        axes[2].plot(c["road_fractions"], c["road_lerf"], marker="^", linestyle="--",
+                     color=line.get_color(), label=f"{method} LeRF (gap {s['road_gap']:.3f})")
+    titles = ("Deletion (most relevant first; lower is better)",
+              "Insertion (most relevant first; higher is better)",
+              "ROAD, noisy linear imputation")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("fraction of pixels removed" if ax is not axes[1] else "fraction inserted")
+        ax.set_ylabel("P(explained class)")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -25,8 +25,8 @@ from engine.durable import write_atomic
 from engine.modelio import ModelMeta
 from engine.render import write_picture
 from engine.text import safe_stem
-from training.plots import (plot_confusion, plot_reliability, plot_roc, plot_training_curves,
-                            pyplot as _plt)
+from training.plots import (plot_confusion, plot_faithfulness, plot_reliability, plot_roc,
+                            plot_training_curves)
 
 log = logging.getLogger(__name__)
 
@@ -37,35 +37,6 @@ def report_dir_for(model_path: Path) -> Path:
 
 def card_path_for(model_path: Path) -> Path:
     return model_path.with_suffix(".md")
-
-
-def plot_faithfulness(scores: dict[str, Any], path: Path) -> None:
-    """Averaged deletion, insertion and ROAD curves, one line per method."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for method, s in scores.items():
-        c = s["curves"]
-        axes[0].plot(c["fractions"], c["deletion"], marker=".",
-                     label=f"{method} (AUC {s['deletion_auc']:.3f})")
-        axes[1].plot(c["fractions"], c["insertion"], marker=".",
-                     label=f"{method} (AUC {s['insertion_auc']:.3f})")
-        line, = axes[2].plot(c["road_fractions"], c["road_morf"], marker="v",
-                             label=f"{method} MoRF")
-        axes[2].plot(c["road_fractions"], c["road_lerf"], marker="^", linestyle="--",
-                     color=line.get_color(), label=f"{method} LeRF (gap {s['road_gap']:.3f})")
-    titles = ("Deletion (most relevant first; lower is better)",
-              "Insertion (most relevant first; higher is better)",
-              "ROAD, noisy linear imputation")
-    for ax, title in zip(axes, titles):
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("fraction of pixels removed" if ax is not axes[1] else "fraction inserted")
-        ax.set_ylabel("P(explained class)")
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _keep_top(s: dict[str, Any]) -> str:
