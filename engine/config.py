@@ -32,7 +32,7 @@ T = TypeVar("T")
 EXTRA_SECTIONS = ("training", "watcher", "serve")
 
 GRADCAM_OUTPUTS = ("gray", "heatmap", "overlay")
-#: explanation methods (engine.gradcam.METHODS; kept here so config needs no TensorFlow)
+#: explanation methods (engine.cam_methods.METHODS; kept here so config needs no TensorFlow)
 CAM_METHODS = ("gradcam", "gradcampp", "layercam")
 COLORMAPS = ("jet", "turbo", "inferno", "magma", "viridis", "plasma", "hot", "bone", "parula")
 IMAGE_FORMATS = ("jpg", "png", "webp")
@@ -105,7 +105,7 @@ class DecodeSettings:
 class GradcamSettings:
     enabled: bool = True
     outputs: tuple[str, ...] = GRADCAM_OUTPUTS
-    #: "gradcam", "gradcampp" or "layercam" (see engine.gradcam)
+    #: "gradcam", "gradcampp" or "layercam" (see engine.cam_methods)
     method: str = "gradcam"
     #: "" (automatic), a layer name, or a list of layer names whose maps are fused
     target_layer: str | tuple[str, ...] = ""

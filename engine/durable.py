@@ -19,6 +19,9 @@ writers that need it, such as Keras' ``.keras``). Hidden (a leading dot) and end
 so the watcher's ``ignore`` patterns skip it; it names its target, so a person or a clean-up
 (:func:`is_temp`) can tell what it was; the pid and the random part keep two writers of one
 target apart; NAME is cut so that the whole name fits in 255 bytes.
+
+Length: a little over 350 lines on purpose: every file operation that must not lose or clobber
+data is here, so that a fix to one (temp naming, fsync order) reaches every writer.
 """
 from __future__ import annotations
 

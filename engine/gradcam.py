@@ -11,14 +11,8 @@ pre-activation score, its gradients at the target layer(s), the weights, and
 For a single sigmoid unit the score is ``+logit`` when the positive class is predicted and
 ``-logit`` otherwise, so a "cat" result shows cat evidence.
 
-As in pytorch-grad-cam, a method is only its weighting ``(grads, activations) -> weights``
-(:data:`METHODS`): channel weights ``(N, K)`` or elementwise weights ``(N, h, w, K)``.
-
-- ``gradcam``   (Selvaraju et al. 2017): the spatial mean of the gradient.
-- ``gradcampp`` (Chattopadhyay et al. 2018, eq. 19 with the authors' alpha normalisation, as
-  tf-keras-vis): ``sum_ij alpha_ij ReLU(g_ij)``, ``alpha = g^2 / (2 g^2 + sum_ab A_ab g^3)``.
-- ``layercam``  (Jiang et al. 2021): elementwise ``ReLU(g_ij) * A_ij``, usually over several
-  layers.
+A method is only its weighting ``(grads, activations) -> weights`` (pytorch-grad-cam's
+shape): see :mod:`engine.cam_methods` (``gradcam``, ``gradcampp``, ``layercam``).
 
 With several target layers each layer's map is normalised, upsampled (bilinear) to the finest
 layer's grid, and the maps are averaged and normalised again (pytorch-grad-cam's fusion).
@@ -31,10 +25,11 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from engine.cam_methods import CLOSED_FORM_METHODS, METHODS, ChannelWeights  # noqa: F401 (re-export)
 from engine.errors import ModelLoadError
 from engine.modelio import ModelMeta
 
@@ -42,56 +37,6 @@ log = logging.getLogger(__name__)
 # Keras warns when a one-input model loaded from disk is called with a bare tensor; harmless.
 warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")
 
-#: (grads, activations) NHWK -> weights NK (per channel) or NHWK (per position and channel)
-ChannelWeights = Callable[[Any, Any], Any]
-
-
-def gradcam_weights(grads: Any, activations: Any) -> Any:
-    """Grad-CAM: each channel weighs the spatial mean of its gradient (Selvaraju et al. 2017)."""
-    import tensorflow as tf
-
-    del activations
-    return tf.reduce_mean(grads, axis=(1, 2))
-
-
-def gradcampp_weights(grads: Any, activations: Any) -> Any:
-    """Grad-CAM++ (Chattopadhyay et al. 2018, eq. 19): ``sum_ij alpha_ij ReLU(g_ij)``.
-
-    ``alpha_ij = g^2 / (2 g^2 + sum_ab A_ab g^3)`` (the exponential score's factors cancel),
-    0 where ``g^2 = 0``, then normalised to sum 1 over the positions of each channel, as the
-    authors' code and tf-keras-vis do. For a GAP -> Dense head ``g = w / (h w)`` everywhere, so
-    the weights reduce to ``ReLU(w) / (h w)``: see :func:`engine.runtime_ort.cams_from_class_maps`.
-    """
-    import tensorflow as tf
-
-    g2 = tf.square(grads)
-    g3 = g2 * grads
-    total = tf.reduce_sum(activations, axis=(1, 2), keepdims=True)
-    denom = 2.0 * g2 + total * g3
-    denom = tf.where(g2 == 0.0, tf.ones_like(denom), denom)
-    alpha = g2 / denom
-    norm = tf.reduce_sum(alpha, axis=(1, 2), keepdims=True)
-    alpha = alpha / tf.where(norm != 0.0, norm, tf.ones_like(norm))
-    return tf.reduce_sum(alpha * tf.nn.relu(grads), axis=(1, 2))
-
-
-def layercam_weights(grads: Any, activations: Any) -> Any:
-    """LayerCAM (Jiang et al. 2021): each position weighs its own positive gradient."""
-    import tensorflow as tf
-
-    del activations
-    return tf.nn.relu(grads)
-
-
-#: ``[gradcam] method`` -> its weighting
-METHODS: dict[str, ChannelWeights] = {
-    "gradcam": gradcam_weights,
-    "gradcampp": gradcampp_weights,
-    "layercam": layercam_weights,
-}
-#: methods whose maps need no gradient below the last feature map for a GAP -> Dense head (the
-#: ONNX export serves them in closed form); the others need TensorFlow's gradients
-CLOSED_FORM_METHODS = ("gradcam", "gradcampp")
 #: how many scales ``layercam`` fuses when no target layer is set (7x7, 14x14, 28x28 on
 #: MobileNetV2 at 224 px)
 AUTO_LAYER_SCALES = 3

@@ -78,7 +78,7 @@ def open_runtime(settings: Settings, *, model_path: str | Path | None = None,
     ``need_maps`` (default: pictures are on) makes a runtime that cannot produce exact Grad-CAM
     maps for this model unacceptable: ``auto`` then uses TensorFlow, ``onnxruntime`` refuses.
     """
-    from engine.gradcam import CLOSED_FORM_METHODS
+    from engine.cam_methods import CLOSED_FORM_METHODS
 
     path = Path(model_path or settings.model.path)
     if need_maps is None:

@@ -146,3 +146,76 @@ def test_each_step_is_one_batched_call():
     x = _photos(5)
     F.deletion_insertion(x, _maps("perfect", 5), np.ones(5, int), predict, steps=4)
     assert calls == [5] * 10
+
+
+# -- keep top vs random: issue 12's protocol, worked out by hand ---------------------------------
+def test_keep_top_protocol_by_hand():
+    """A 28 x 28 'photo' (7 x 7 cells of 4 px) whose class lives in one cell, a map that points
+    at that cell. Keeping the map's 20 % keeps the cell whole: p = 1, no drop. A random draw of
+    10 cells keeps it only when it picks that cell, and then does as well: a tie, which the
+    protocol counts as a loss. So the map wins exactly on the photos whose first draw missed
+    the cell, and ``win_share`` is the share of all draws that missed it."""
+    n, size, draws = 40, 28, 5
+    x = np.random.default_rng(3).integers(0, 256, (n, size, size, 3)).astype(float)  # exact in f32
+    cell = (slice(8, 12), slice(16, 20))  # row 2, column 4
+    seen = []
+
+    def predict(images):  # P(class 1) = share of the cell's pixels left as they were
+        seen.append(images.copy())
+        same = (images[:, cell[0], cell[1]] == x[:, cell[0], cell[1]]).all(-1).mean(axis=(1, 2))
+        return np.stack([1 - same, same], axis=1)
+
+    maps = np.random.default_rng(4).uniform(0, 0.01, (n, 7, 7))
+    maps[:, 2, 4] = 1.0
+    top = F.keep_top_vs_random(x, maps, np.ones(n, int), predict, np.random.default_rng(5),
+                               draws=draws)
+    # by hand: the draws, photo by photo, first draw for all photos before the second
+    rng = np.random.default_rng(5)
+    picked = np.array([[2 * 7 + 4 in rng.choice(49, 10, replace=False) for _ in range(n)]
+                       for _ in range(draws)]).T  # (n, draws)
+    assert 0 < picked[:, 0].sum() < n  # both outcomes occur in this sample
+    np.testing.assert_array_equal(top.wins, ~picked[:, 0])
+    np.testing.assert_allclose(top.win_share, (~picked).mean(axis=1))
+    np.testing.assert_array_equal(top.top, 1.0)
+    s = F.summarize(F.Curves(np.linspace(0, 1, 2), np.zeros((n, 2)), np.zeros((n, 2))),
+                    np.zeros((n, 1)), np.zeros((n, 1)), top)
+    assert s["keep_top_win_rate"] == pytest.approx(1 - picked[:, 0].mean())
+    assert s["keep_top_win_rate_draws"] == pytest.approx(1 - picked.mean())
+    assert s["keep_top_drop"] == 0.0
+    assert s["keep_random_drop"] == pytest.approx(1 - picked[:, 0].mean())  # first draw only
+    assert s["keep_top_draws"] == draws
+    # the fills: the map's top 20 % of pixels (157 of 784) kept, the rest the photo's mean colour
+    mean = x.mean(axis=(1, 2), keepdims=True)
+    kept = (seen[1] == x).all(-1)
+    assert (kept.sum(axis=(1, 2)) == round(0.2 * size * size)).all()
+    assert kept[:, cell[0], cell[1]].all()
+    np.testing.assert_allclose(np.where(kept[..., None], mean, seen[1]),
+                               np.broadcast_to(mean, x.shape), atol=1e-4)
+    # each random draw: 10 whole cells kept (160 px), the rest the mean colour
+    for images in seen[2:]:
+        kept = (images == x).all(-1)
+        cells = kept.reshape(n, 7, 4, 7, 4).all(axis=(2, 4))
+        np.testing.assert_array_equal(kept, cells.repeat(4, 1).repeat(4, 2))
+        assert (cells.sum(axis=(1, 2)) == 10).all()
+        np.testing.assert_allclose(np.where(kept[..., None], mean, images),
+                                   np.broadcast_to(mean, x.shape), atol=1e-4)
+    assert len(seen) == 2 + draws  # original, top, one batched call per draw
+
+
+def test_keep_top_first_draw_is_the_one_draw_protocol():
+    x = _photos(6)
+    maps = _maps("random", 6, grid=7)
+    one = F.keep_top_vs_random(x, maps, np.ones(6, int), _predict, np.random.default_rng(9), draws=1)
+    many = F.keep_top_vs_random(x, maps, np.ones(6, int), _predict, np.random.default_rng(9), draws=4)
+    assert one.random.shape == (6, 1) and many.random.shape == (6, 4)
+    np.testing.assert_array_equal(one.random[:, 0], many.random[:, 0])
+    np.testing.assert_array_equal(one.wins, many.wins)
+
+
+def test_ties_are_losses():
+    """A model that ignores the pixels: every region does as well as the map's."""
+    x = _photos(5)
+    flat = lambda images: np.tile([0.3, 0.7], (len(images), 1))  # noqa: E731
+    top = F.keep_top_vs_random(x, _maps("perfect", 5), np.ones(5, int), flat,
+                               np.random.default_rng(0))
+    assert not top.wins.any() and (top.win_share == 0).all()

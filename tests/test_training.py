@@ -248,3 +248,37 @@ def test_missing_test_split_is_a_config_error(tmp_path):
     shutil.rmtree(data / "test")
     cfg = write_config(tmp_path)
     assert pawcam(["train", "--config", str(cfg), "--data", str(data)]) == 2
+
+
+def test_squashed_check_is_recorded_in_the_card_and_kept_by_a_later_evaluate(binary_run,
+                                                                             tmp_path):
+    import shutil
+
+    from engine.modelio import read_meta
+    from training.report import add_squashed_check
+
+    _, data, run, _ = binary_run
+    shutil.copytree(run, tmp_path / "run")
+    model = tmp_path / "run" / "model.keras"
+    meta = read_meta(model)
+    m = {"accuracy": 0.75, "roc_auc": 0.8125, "ece": 0.0312, "n": 12}
+    card = add_squashed_check(model, meta, {
+        "natural": m, "squashed": {**m, "accuracy": 0.5}, "label": "squashed to 20x20",
+        "runtime": "test runtime", "how": "resized without keeping the aspect ratio."})
+    text = card.read_text()
+    assert "## Squashed photos" in text and "resized without keeping the aspect ratio." in text
+    assert "| squashed to 20x20 | 50.00% | 0.81250 | 0.0312 | 12 |" in text
+    assert "model_report/roc_curve.png" in text   # the rest of the card is still there
+    # a later evaluate of the same model keeps the section
+    assert pawcam(["evaluate", "--data", str(data), "--model", str(model),
+                   "--faithfulness", "0"]) == 0
+    assert "| squashed to 20x20 | 50.00% |" in card.read_text()
+    # another model's evaluation is not silently re-labelled
+    with pytest.raises(ValueError, match="pawcam evaluate"):
+        add_squashed_check(model, _other_version(meta), {})
+
+
+def _other_version(meta):
+    import dataclasses
+
+    return dataclasses.replace(meta, version="another")

@@ -15,7 +15,8 @@ from engine.cli import main as pawcam
 from engine.config import DecodeSettings
 from engine.errors import ConfigError
 from training import cache
-from training.dataset import decode_to_cache, scan_sources, walk_files
+from training.dataset import scan_sources, walk_files
+from training.photos import decode_to_cache
 from tests.test_training import make_dataset, write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 sys.path.insert(0, {str(REPO)!r})
 from engine.config import DecodeSettings
 from training.cache import CacheWriteError
-from training.dataset import decode_to_cache
+from training.photos import decode_to_cache
 files = sorted(Path({str(tmp_path / 'data')!r}).rglob('*.jpg'))
 resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
 try:

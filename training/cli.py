@@ -104,24 +104,7 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
              "calibration %.4f); model %s%s", result.train_seconds / 60, 100 * m["accuracy"],
              m["roc_auc"], m["ece"], m["ece_uncalibrated"], result.model_path,
              f", installed as {result.install_path}" if result.installed else "")
-    _export_after_training(result.install_path if result.installed else result.model_path,
-                           args.data, settings)
     return 0
-
-
-def _export_after_training(model_path: Path, data: list[Path], settings: Settings) -> None:
-    """The compiled copies the CPU runtime serves, beside the model training left behind."""
-    from training.export import export_model
-
-    try:
-        manifest = export_model(model_path, settings, data=data)
-    except Exception as exc:  # the model itself is saved; serving falls back to TensorFlow
-        log.error("ONNX export of %s failed (%s: %s); the model is saved and TensorFlow can "
-                  "serve it; run `pawcam export --model %s` to retry", model_path,
-                  type(exc).__name__, exc, model_path)
-        return
-    log.info("exported ONNX copies beside %s (int8 %s)", model_path,
-             "ready" if manifest.int8_ok else "not served")
 
 
 def run_evaluate(args: argparse.Namespace, settings: Settings) -> int:

@@ -1,20 +1,10 @@
-"""Training data: folders -> file lists with labels -> a decoded-image cache on disk.
+"""Training data: folders -> file lists with labels, the pre-scan skip list, the split.
 
     data = scan_sources([Path("../shared/dataset"), Path("../shared/dataset-extra")])
     data.class_names, len(data.files), data.test_dir      # every root's train/, one test/
-    images = decode_to_cache(data.files, data.stamps, run / "cache" / "images",
-                             input_size=(224, 224), decode=settings.decode, threads=2)
-    images.reader.read([0, 5])                            # (2, 224, 224, 3) uint8 from disk
     train_idx, val_idx = stratified_split(labels, fraction=0.1, seed=1337)
 
-Decoding and resizing go through :func:`engine.decode.load_model_input`, the exact code the
-engine serves with, so training sees the pixels serving sees (no train/serve skew). Files that
-fail (empty, truncated, not an image, too large) raise :class:`engine.errors.ImageError`; they
-are skipped and listed with the engine's error code and message.
-
-The decoded images go to a raw uint8 file in the run folder (:mod:`training.cache`), written
-chunk by chunk and read back batch by batch, so every epoch reads the cache instead of
-decoding JPEGs again and memory does not grow with the number of photos.
+The files listed here are decoded once into an on-disk cache by :mod:`training.photos`.
 
 **Symbolic links.** A training set is the user's own choice, often assembled with links to
 photos kept elsewhere, so inside the data folders named with ``--data`` links are followed:
@@ -24,26 +14,17 @@ out of training. The daemon's inbox and the served path never follow links.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from engine.config import DecodeSettings
-from engine.decode import load_model_input
-from engine.errors import ConfigError, ImageError
-from training import cache
+from engine.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-#: bump when the cache file layout changes (old caches are then rebuilt)
-CACHE_FORMAT = 1
 
 
 @dataclass
@@ -249,89 +230,6 @@ def scan_sources(roots: Sequence[Path]) -> TrainingData:
     return TrainingData(names, files, np.asarray(labels, np.int64), np.asarray(origin, np.int32),
                         stamps, test_dir, test_layout, sources, skipped)
 
-
-def cache_key(files: Sequence[Path], stamps: Sequence[tuple[int, int]],
-              input_size: tuple[int, int], decode: DecodeSettings) -> str:
-    """What a decoded-image cache depends on: the files (path, size, mtime) and decoding."""
-    h = hashlib.sha256()
-    h.update(repr((CACHE_FORMAT, tuple(input_size), dataclasses.astuple(decode))).encode())
-    for f, (size, mtime) in zip(files, stamps):
-        h.update(f"{f}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
-    return h.hexdigest()
-
-
-@dataclass
-class ImageCache:
-    """Decoded uint8 model inputs on disk: ``reader.read(i)`` is the i-th *kept* image."""
-    folder: Path
-    reader: cache.RecordReader
-    kept: np.ndarray              # positions in the scanned file list
-    skipped: list[Skipped]
-    reused: bool
-    key: str
-
-
-def decode_to_cache(files: Sequence[Path], stamps: Sequence[tuple[int, int]], folder: Path, *,
-                    input_size: tuple[int, int], decode: DecodeSettings, threads: int = 2,
-                    display: Sequence[str] | None = None, chunk: int = 256) -> ImageCache:
-    """Decode every file once (the engine's decoder) into ``folder/images.u8``, chunk by chunk.
-
-    Memory: one chunk of decoded images, whatever the number of files. A finished cache with
-    the same key (same files, sizes, mtimes, input size, decode settings) is reused; anything
-    else (no cache, a partial one, another key) is rebuilt from scratch. Symbolic links are
-    followed: the files are the user's own training set (the daemon's inbox never follows).
-    """
-    h, w = input_size
-    key = cache_key(files, stamps, input_size, decode)
-    index = cache.open_complete(folder, key)
-    if index is not None:
-        log.info("reusing the decoded-image cache %s (%d images)", folder, index["count"])
-        reader = cache.RecordReader(folder / "images.u8", (h, w, 3), np.uint8)
-        return ImageCache(folder, reader, np.asarray(index["kept"], np.int64),
-                          [Skipped(**s) for s in index["skipped"]], True, key)
-    tmp = cache.start_build(folder)
-    names = list(display) if display is not None else [str(f) for f in files]
-    kept: list[int] = []
-    skipped: list[Skipped] = []
-
-    def one(i: int) -> np.ndarray | Skipped:
-        try:
-            return load_model_input(files[i], input_size=input_size,
-                                    max_pixels=decode.max_image_pixels,
-                                    max_bytes=decode.max_file_bytes,
-                                    reduced_jpeg=decode.reduced_jpeg,
-                                    reduced_jpeg_min_side=decode.reduced_jpeg_min_side,
-                                    follow_symlinks=True)
-        except ImageError as exc:
-            return Skipped(names[i], exc.code, str(exc))
-        except Exception as exc:  # a decoder bug on a hostile file must not end training
-            return Skipped(names[i], "image_error",
-                           f"unexpected decoder failure ({type(exc).__name__}: {exc})")
-
-    try:
-        with cache.RecordWriter(tmp / "images.u8", (h, w, 3), np.uint8) as writer, \
-                ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            for s in range(0, len(files), chunk):
-                done = list(pool.map(one, range(s, min(len(files), s + chunk))))
-                good = []
-                for i, r in enumerate(done, start=s):
-                    if isinstance(r, Skipped):
-                        skipped.append(r)
-                        log.warning("skipping %s: %s (%s)", r.path, r.message, r.code)
-                    else:
-                        good.append(r)
-                        kept.append(i)
-                if good:
-                    writer.append(np.stack(good))
-                if (s // chunk + 1) % max(1, 2048 // chunk) == 0:
-                    log.info("decoded %d/%d images", min(len(files), s + chunk), len(files))
-        cache.finish_build(folder, {"key": key, "count": len(kept), "shape": [h, w, 3],
-                                    "kept": kept, "skipped": [x.as_dict() for x in skipped]})
-    except BaseException:
-        cache.abandon_build(folder)
-        raise
-    reader = cache.RecordReader(folder / "images.u8", (h, w, 3), np.uint8)
-    return ImageCache(folder, reader, np.asarray(kept, np.int64), skipped, False, key)
 
 def _display(path: Path, root: Path | None) -> str:
     if root is not None:

@@ -20,6 +20,9 @@ Steps, each a function:
    photos training held out), and int8's own temperature when its logits' scale moved.
 6. The manifest (hashes, outputs, checks) is written last, atomically: the runtime trusts only
    files it lists with their sha256.
+
+The photos steps 4-5 use (the model's training folders, split as training split them) come
+from :mod:`training.export_data`.
 """
 from __future__ import annotations
 
@@ -35,35 +38,24 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from engine.config import Settings
-from engine.decode import load_model_input
 from engine.durable import atomic_path, write_atomic
-from engine.errors import ConfigError, ImageError, ModelLoadError
+from engine.errors import ConfigError, ModelLoadError
 from engine.gradcam import CLOSED_FORM_METHODS, GradCam
 from engine.modelio import LoadedModel, ModelMeta, file_sha256, load_model
 from engine.onnxio import ExportManifest, manifest_path_for, onnx_path_for
 from engine.runtime_ort import OrtRuntime, cams_from_class_maps
-from training.dataset import scan_sources, stratified_split
+from training.export_data import (CALIBRATION_IMAGES, CalibrationReader, ExportData,
+                                  decode_batches, export_data)
+from training.metrics import map_correlation
 
 log = logging.getLogger("pawcam.export")
 
-#: photos the int8 calibration sees (seeded sample of the training part)
-CALIBRATION_IMAGES = 200
 #: photos the fp32 check compares with TensorFlow
 FP32_CHECK_IMAGES = 64
 #: int8 passes when it loses at most this much validation accuracy against fp32 ...
 INT8_MAX_ACCURACY_DROP = 0.01
 #: ... and agrees with fp32's label on at least this share of the validation photos
 INT8_MIN_AGREEMENT = 0.98
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportData:
-    """Photos for calibration (training part) and the int8 check (validation part)."""
-
-    calibration: list[Path]
-    validation: list[Path]
-    validation_labels: list[int]
-    source: str
 
 
 # -- 1. the graph -------------------------------------------------------------------------
@@ -152,26 +144,6 @@ def write_onnx(model: Any, path: Path) -> None:
         model.export(str(tmp), format="onnx", verbose=False)
 
 
-def _decode_batches(paths: Sequence[Path], settings: Settings, meta: ModelMeta,
-                    batch: int = 32) -> Iterator[tuple[np.ndarray, list[int]]]:
-    """(images, kept indices) batches decoded by the engine's own path; bad files skipped."""
-    d = settings.decode
-    for start in range(0, len(paths), batch):
-        images, kept = [], []
-        for i in range(start, min(len(paths), start + batch)):
-            try:
-                images.append(load_model_input(paths[i], input_size=meta.input_size,
-                                               max_pixels=d.max_image_pixels,
-                                               max_bytes=d.max_file_bytes,
-                                               reduced_jpeg=d.reduced_jpeg,
-                                               reduced_jpeg_min_side=d.reduced_jpeg_min_side))
-                kept.append(i)
-            except ImageError as exc:
-                log.warning("export: skipping %s: %s", paths[i], exc)
-        if images:
-            yield np.stack(images).astype(np.float32), kept
-
-
 def check_fp32(loaded: LoadedModel, runtime: OrtRuntime, images: np.ndarray,
                target_layer: str = "", methods: Sequence[str] = CLOSED_FORM_METHODS
                ) -> dict[str, Any]:
@@ -194,19 +166,6 @@ def check_fp32(loaded: LoadedModel, runtime: OrtRuntime, images: np.ndarray,
             result["max_map_diff" if method == "gradcam" else f"max_map_diff_{method}"] = map_diff
     result["max_prob_diff"] = prob_diff
     return result
-
-
-class _Calibration:
-    """onnxruntime's CalibrationDataReader over decoded photos (one batch at a time)."""
-
-    def __init__(self, batches: Iterator[tuple[np.ndarray, list[int]]], input_name: str) -> None:
-        self.batches = batches
-        self.input_name = input_name
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        for images, _ in self.batches:
-            return {self.input_name: images}
-        return None
 
 
 @contextlib.contextmanager
@@ -234,21 +193,10 @@ def quantize_int8(fp32: Path, int8: Path, calibration: Sequence[Path], settings:
         with atomic_path(int8) as tmp_out:
             quantize_static(
                 str(prepared), str(tmp_out),
-                _Calibration(_decode_batches(calibration, settings, meta, 16), "image"),
+                CalibrationReader(decode_batches(calibration, settings, meta, 16), "image"),
                 quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax)
-
-
-def map_correlation(a: np.ndarray, b: np.ndarray) -> list[float]:
-    """Pearson correlation of each pair of maps (N, h, w); NaN where a map is constant."""
-    a = a.reshape(len(a), -1).astype(np.float64)
-    b = b.reshape(len(b), -1).astype(np.float64)
-    a = a - a.mean(axis=1, keepdims=True)
-    b = b - b.mean(axis=1, keepdims=True)
-    norm = np.sqrt((a ** 2).sum(axis=1) * (b ** 2).sum(axis=1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return list((a * b).sum(axis=1) / norm)
 
 
 def check_int8(fp32: OrtRuntime, int8: OrtRuntime, data: ExportData, settings: Settings
@@ -256,7 +204,7 @@ def check_int8(fp32: OrtRuntime, int8: OrtRuntime, data: ExportData, settings: S
     """int8 vs fp32 on the validation photos: accuracy, agreement, logit scale, passed."""
     meta = fp32.meta
     z32, z8, labels, correlations = [], [], [], []
-    for images, kept in _decode_batches(data.validation, settings, meta):
+    for images, kept in decode_batches(data.validation, settings, meta):
         p32, maps32 = fp32.run(images, maps=fp32.has_maps)
         z32.append(fp32.session.run(["logits"], {fp32.input_name: images})[0])
         z8.append(int8.session.run(["logits"], {int8.input_name: images})[0])
@@ -294,47 +242,6 @@ def check_int8(fp32: OrtRuntime, int8: OrtRuntime, data: ExportData, settings: S
                     f"{INT8_MIN_AGREEMENT}"}
 
 
-# -- the data -------------------------------------------------------------------------------
-def export_data(meta: ModelMeta, data: Path | Sequence[Path] | None, *,
-                calibration_images: int = CALIBRATION_IMAGES, seed: int = 0) -> ExportData | None:
-    """The training photos of ``data`` (default: the folders the model was trained on).
-
-    The validation split is rebuilt as training built it (the same folders listed by
-    :func:`training.dataset.scan_sources`, the seed and fraction recorded in the metadata), so
-    the int8 check runs on photos the model did not train on (exactly so when no training photo
-    was skipped as unreadable). None when the folders are not available.
-    """
-    recorded = meta.extra.get("data") or {}
-    if data:
-        roots = [Path(d) for d in ([data] if isinstance(data, (str, Path)) else data)]
-    elif recorded.get("sources"):
-        roots = [Path(src["root"]) for src in recorded["sources"]]
-    elif recorded.get("root"):
-        roots = [Path(recorded["root"])]
-    else:
-        return None
-    if not all((r / "train").is_dir() for r in roots):
-        return None
-    try:
-        found = scan_sources(roots)
-    except ConfigError as exc:
-        log.warning("export: cannot list the training photos (%s)", exc)
-        return None
-    if tuple(found.class_names) != tuple(meta.class_names):
-        log.warning("export: the data folders' classes %s are not the model's %s",
-                    list(found.class_names), list(meta.class_names))
-        return None
-    labels = np.asarray(found.labels)
-    fraction = float(recorded.get("validation_fraction", 0.1))
-    split_seed = int(meta.extra.get("seed", seed))
-    train_idx, val_idx = stratified_split(labels, fraction, split_seed)
-    rng = np.random.default_rng(split_seed + 7)
-    calib = rng.permutation(train_idx)[:calibration_images]
-    return ExportData([found.files[i] for i in sorted(calib)],
-                      [found.files[i] for i in val_idx], [int(labels[i]) for i in val_idx],
-                      ", ".join(str(r) for r in roots))
-
-
 # -- all of it ------------------------------------------------------------------------------
 def export_model(model_path: Path, settings: Settings, *,
                  data: Path | Sequence[Path] | None = None,
@@ -360,7 +267,7 @@ def export_model(model_path: Path, settings: Settings, *,
 
     found = export_data(meta, data, calibration_images=calibration_images) if int8 else None
     if found and found.validation:
-        check_images = np.concatenate([x for x, _ in _decode_batches(
+        check_images = np.concatenate([x for x, _ in decode_batches(
             found.validation[:FP32_CHECK_IMAGES], settings, meta)])
     else:
         h, w = meta.input_size

@@ -115,3 +115,14 @@ def classification_metrics(y_true: Any, probs: Any, y_pred: Any,
         },
         "macro_f1": float(np.mean(prf["f1"])),
     }
+
+
+def map_correlation(a: np.ndarray, b: np.ndarray) -> list[float]:
+    """Pearson correlation of each pair of maps (N, h, w); NaN where a map is constant."""
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    norm = np.sqrt((a ** 2).sum(axis=1) * (b ** 2).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return list((a * b).sum(axis=1) / norm)

@@ -173,3 +173,24 @@ def init_batchnorm_statistics(model: Any, images: Any) -> None:
     finally:
         for layer, (trainable, momentum) in zip(bns, saved):
             layer.trainable, layer.momentum = trainable, momentum
+
+
+def loss_and_metric(binary: bool):
+    """The loss and accuracy metric of a sigmoid (binary) or softmax classifier."""
+    import keras
+
+    if binary:
+        return keras.losses.BinaryCrossentropy(), keras.metrics.BinaryAccuracy(name="accuracy")
+    return (keras.losses.SparseCategoricalCrossentropy(),
+            keras.metrics.SparseCategoricalAccuracy(name="accuracy"))
+
+
+def is_binary(model: Any) -> bool:
+    """True for the two-class model (one sigmoid unit), False for a softmax over classes."""
+    return int(model.outputs[0].shape[-1]) == 1
+
+
+def num_classes(model: Any) -> int:
+    """How many classes the model tells apart (2 for the one-unit sigmoid)."""
+    units = int(model.outputs[0].shape[-1])
+    return 2 if units == 1 else units

@@ -9,8 +9,9 @@
 
 Everything the card says comes from the model's metadata (training data, counts, skipped
 files, settings, seeds, versions, timing, training history) and the evaluation, so
-``pawcam evaluate`` can rebuild the full card for any pawcam model. Plots use matplotlib's
-Agg backend (no display needed).
+``pawcam evaluate`` can rebuild the full card for any pawcam model. The plots are drawn by
+:mod:`training.plots` (matplotlib's Agg backend, no display needed), the faithfulness section's
+table and plot here.
 """
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from engine.classifier import format_confidence
+from engine.durable import write_atomic
 from engine.modelio import ModelMeta
 from engine.render import write_picture
 from engine.text import safe_stem
+from training.plots import (plot_confusion, plot_faithfulness, plot_reliability, plot_roc,
+                            plot_training_curves)
 
 log = logging.getLogger(__name__)
 
@@ -37,140 +39,14 @@ def card_path_for(model_path: Path) -> Path:
     return model_path.with_suffix(".md")
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_training_curves(history: list[dict[str, Any]], path: Path) -> bool:
-    if not history:
-        return False
-    plt = _plt()
-    x = np.arange(1, len(history) + 1)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=80)
-    for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], "accuracy", "accuracy")):
-        for prefix, style in (("", "-"), ("val_", "--")):
-            y = [row.get(prefix + key) for row in history]
-            y = [np.nan if v in (None, "") else float(v) for v in y]
-            ax.plot(x, y, style, marker="o", ms=3, label=("validation " if prefix else "train ") + key)
-        phases = [row.get("phase") for row in history]
-        for i in range(1, len(phases)):
-            if phases[i] != phases[i - 1]:
-                ax.axvline(i + 0.5, color="gray", lw=0.8, ls=":")
-                ax.text(i + 0.6, ax.get_ylim()[0], " fine-tune", va="bottom", fontsize=8,
-                        color="gray")
-        ax.set_xlabel("epoch (head, then fine-tune)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
-
-
-def plot_confusion(cm: list[list[int]], class_names: tuple[str, ...], path: Path) -> None:
-    plt = _plt()
-    cm_arr = np.asarray(cm)
-    k = len(class_names)
-    fig, ax = plt.subplots(figsize=(1.2 * k + 2.2, 1.2 * k + 1.6), dpi=80)
-    ax.imshow(cm_arr, cmap="Blues")
-    for i in range(k):
-        for j in range(k):
-            ax.text(j, i, str(cm_arr[i, j]), ha="center", va="center",
-                    color="white" if cm_arr[i, j] > cm_arr.max() / 2 else "black")
-    ax.set_xticks(range(k), class_names)
-    ax.set_yticks(range(k), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("confusion matrix")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def plot_roc(roc: dict[str, Any], path: Path) -> None:
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6), dpi=80)
-    for ax, zoom in zip(axes, (False, True)):
-        for name, r in roc.items():
-            ax.plot(r["fpr"], r["tpr"], label=f"{name} (AUC {r['auc']:.4f})")
-        ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls=":")
-        ax.set_xlabel("false positive rate")
-        ax.set_ylabel("true positive rate")
-        ax.grid(alpha=0.3)
-        if zoom:
-            ax.set_xlim(0, 0.1)
-            ax.set_ylim(0.9, 1.001)
-            ax.set_title("ROC (top-left corner)")
-        else:
-            ax.set_title("ROC curve")
-            ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def plot_reliability(before: dict[str, list], after: dict[str, list], ece_before: float,
-                     ece_after: float, path: Path) -> None:
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6), dpi=80, sharey=True)
-    edges = np.asarray(after["edges"])
-    width = edges[1] - edges[0]
-    for ax, bins, title in ((axes[0], before, f"uncalibrated (ECE {ece_before:.4f})"),
-                            (axes[1], after, f"calibrated (ECE {ece_after:.4f})")):
-        acc = [np.nan if a is None else a for a in bins["accuracy"]]
-        ax.bar(edges[:-1], acc, width=width, align="edge", edgecolor="black", alpha=0.7,
-               label="accuracy")
-        counts = np.asarray(bins["count"])
-        for x0, c in zip(edges[:-1], counts):
-            if c:
-                ax.text(x0 + width / 2, 0.02, str(c), ha="center", fontsize=6, rotation=90)
-        ax.plot([0, 1], [0, 1], color="red", lw=1, ls="--", label="perfect calibration")
-        ax.set_xlabel("confidence (predicted class)")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("accuracy in bin")
-    axes[0].legend(fontsize=8, loc="upper left")
-    fig.suptitle("reliability diagram (15 bins; numbers = images per bin)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def plot_faithfulness(scores: dict[str, Any], path: Path) -> None:
-    """Averaged deletion, insertion and ROAD curves, one line per method."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for method, s in scores.items():
-        c = s["curves"]
-        axes[0].plot(c["fractions"], c["deletion"], marker=".",
-                     label=f"{method} (AUC {s['deletion_auc']:.3f})")
-        axes[1].plot(c["fractions"], c["insertion"], marker=".",
-                     label=f"{method} (AUC {s['insertion_auc']:.3f})")
-        line, = axes[2].plot(c["road_fractions"], c["road_morf"], marker="v",
-                             label=f"{method} MoRF")
-        axes[2].plot(c["road_fractions"], c["road_lerf"], marker="^", linestyle="--",
-                     color=line.get_color(), label=f"{method} LeRF (gap {s['road_gap']:.3f})")
-    titles = ("Deletion (most relevant first; lower is better)",
-              "Insertion (most relevant first; higher is better)",
-              "ROAD, noisy linear imputation")
-    for ax, title in zip(axes, titles):
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("fraction of pixels removed" if ax is not axes[1] else "fraction inserted")
-        ax.set_ylabel("P(explained class)")
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _keep_top(s: dict[str, Any]) -> str:
+    """``97.0 % ± 1.2 (8 draws: 96.9 %)``; older reports hold only the one-draw figure."""
+    text = f"{100 * s['keep_top_win_rate']:.1f} %"
+    if "keep_top_win_rate_se" in s:
+        text += f" ± {100 * s['keep_top_win_rate_se']:.1f}"
+    if "keep_top_win_rate_draws" in s:
+        text += f" ({s['keep_top_draws']} draws: {100 * s['keep_top_win_rate_draws']:.1f} %)"
+    return text
 
 
 def faithfulness_lines(scores: dict[str, Any]) -> list[str]:
@@ -186,15 +62,17 @@ def faithfulness_lines(scores: dict[str, Any]) -> list[str]:
     ]
     for method, s in scores.items():
         lines.append(
-            f"| `{method}` | {100 * s['keep_top_win_rate']:.1f} % | {s['keep_top_drop']:.3f} / "
+            f"| `{method}` | {_keep_top(s)} | {s['keep_top_drop']:.3f} / "
             f"{s['keep_random_drop']:.3f} | {s['deletion_auc']:.3f} | {s['insertion_auc']:.3f} | "
             f"{s['road_morf']:.3f} / {s['road_lerf']:.3f} | {s['road_gap']:.3f} | "
             f"{s.get('maps_by', '')} |")
     lines += [
         "",
-        "- *keep top vs random*: keep only the 20 % of pixels the map ranks highest (the rest: "
-        "the photo's mean colour) vs a random 20 % of the 7x7 cells; the share of photos where "
-        "the map's region keeps the class strictly better, and the mean drop of its probability.",
+        "- *keep top vs random* (issue 12's protocol): keep only the 20 % of pixels the map ranks "
+        "highest (the rest: the photo's mean colour) vs 10 random cells of the 7x7 grid, one draw "
+        "per photo; the share of photos where the map's region keeps the class strictly better "
+        "(± its standard error), and the mean drop of its probability. In brackets: the share of "
+        "several random draws beaten (same expectation, less noise from the draw).",
         "- *deletion / insertion*: pixels removed from the photo (added to a blurred copy) in map "
         "order, 10 steps; removed pixels take a heavily blurred copy's values, which keeps colours "
         "and layout so the curve measures lost detail rather than the shock of flat patches.",
@@ -238,11 +116,53 @@ def write_report(model_path: Path, meta: ModelMeta, evaluation: Any) -> Path:
         entry["overlay"] = f
     data["model"] = {"file": model_path.name, "version": meta.version,
                      "class_names": list(meta.class_names), "temperature": meta.temperature}
-    (folder / "evaluation.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    squashed = _previous(folder).get("squashed")
+    if squashed and squashed.get("version") == meta.version:
+        data["squashed"] = squashed   # benchmarks/squashed_check.py --card, same model
+    write_atomic(folder / "evaluation.json", (json.dumps(data, indent=2) + "\n").encode("utf-8"))
     card = card_path_for(model_path)
-    card.write_text(render_card(model_path, meta, data, plots), encoding="utf-8")
+    write_atomic(card, render_card(model_path, meta, data, plots).encode("utf-8"))
     log.info("report written: %s and %s/", card, folder)
     return card
+
+
+PLOTS = {"training curves": "training_curves.png", "confusion matrix": "confusion_matrix.png",
+         "ROC curve": "roc_curve.png", "reliability diagram": "reliability_diagram.png"}
+
+
+def _previous(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "evaluation.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def add_squashed_check(model_path: Path, meta: ModelMeta, squashed: dict[str, Any]) -> Path:
+    """Record the squashed-photos check (``benchmarks/squashed_check.py --card``) in the report's
+    evaluation.json and redraw the card from it; returns the card path."""
+    folder = report_dir_for(model_path)
+    data = _previous(folder)
+    if data.get("model", {}).get("version") != meta.version:
+        raise ValueError(f"{folder / 'evaluation.json'} is not this model's evaluation: run "
+                         "`pawcam evaluate` first")
+    data["squashed"] = {**squashed, "version": meta.version}
+    write_atomic(folder / "evaluation.json", (json.dumps(data, indent=2) + "\n").encode("utf-8"))
+    plots = {t: f for t, f in PLOTS.items() if (folder / f).exists()}
+    card = card_path_for(model_path)
+    write_atomic(card, render_card(model_path, meta, data, plots).encode("utf-8"))
+    return card
+
+
+def squashed_lines(sq: dict[str, Any]) -> list[str]:
+    """The card's section on squashed photos: the same test set resized without keeping its
+    aspect ratio, scored the same way."""
+    rows = [f"| {name} | {_pct(m['accuracy'])} | {m['roc_auc']:.5f} | {m['ece']:.4f} | {m['n']} |"
+            for name, m in (("as published", sq["natural"]), (sq["label"], sq["squashed"]))]
+    return ["## Squashed photos", "",
+            f"How it was checked: {sq['how']} Scored through the engine as served "
+            f"({sq['runtime']}).", "",
+            "| test photos | accuracy | ROC-AUC | ECE | images |", "|---|---|---|---|---|",
+            *rows, ""]
 
 
 def _pct(x: Any) -> str:
@@ -304,6 +224,8 @@ def render_card(model_path: Path, meta: ModelMeta, data: dict[str, Any],
               "|---" * (len(names) + 1) + "|"]
     for name, row in zip(names, m["confusion_matrix"]):
         lines.append(f"| **{name}** | " + " | ".join(str(v) for v in row) + " |")
+    if data.get("squashed"):
+        lines += [""] + squashed_lines(data["squashed"])[:-1]
     lines += ["", "## Plots", ""]
     for title, f in plots.items():
         lines.append(f"![{title}]({rel}/{f})")

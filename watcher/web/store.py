@@ -98,11 +98,20 @@ def create(db_path: Path) -> bool:
         con.execute(FTS)
         fts = "1"
     except sqlite3.OperationalError as exc:
+        if not _lacks_fts(exc):
+            con.close()
+            raise       # e.g. a locked or full database: not a reason to index without FTS
         log.info("no FTS5 trigram index (%s): file-name search scans", exc)
         fts = "0"
     con.executemany("INSERT INTO meta VALUES (?, ?)", [("schema", SCHEMA_VERSION), ("fts", fts)])
     con.close()
     return fts == "1"
+
+
+def _lacks_fts(exc: sqlite3.OperationalError) -> bool:
+    """This SQLite has no FTS5 or no trigram tokenizer (the only reasons to go without)."""
+    text = str(exc).lower()
+    return "no such module" in text or "tokenizer" in text
 
 
 def append(con: sqlite3.Connection, fts: bool, tuples: list[tuple], offset: int,
