@@ -291,6 +291,50 @@ def test_recovery_finalizes_committed_and_redoes_uncommitted(tmp_path):
     assert status["state"] == "stopped" and status["recovered"] == 1 and status["processed"] == 2
 
 
+def test_the_protocol_alone_commit_finish_and_the_one_settle_rule(tmp_path, monkeypatch):
+    """watcher.spool without a daemon: claim -> commit -> finish; then settle, THE rule:
+    committed job ids are only finalized (per their recorded status), the others come back
+    to be classified again under the same job ids, and a storage fault keeps committed
+    files waiting with their manifest."""
+    import errno as _errno
+
+    sp = _spool(tmp_path)
+    csv = ResultsCsv(tmp_path / "outbox" / "results.csv", ("cat", "dog"))
+    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
+        (sp.inbox / name).write_bytes(b"IMG-" + name.encode())
+    first = sp.claim("b1", [("j1", "a.jpg", 0.0), ("j2", "b.jpg", 0.0)])
+    results = [Result("a.jpg", "j1", label="dog", confidence=0.9),
+               Result("b.jpg", "j2", status=STATUS_ERROR, error="not an image")]
+    sp.commit(csv, results, tmp_path / "outbox")
+    done = sp.finish(first, results)
+    assert [sp.shown_place(w) for w in done.where] == ["processed/a.jpg", "failed/b.jpg"]
+    assert done.fault is None and done.waiting == [] and _left(sp) == []
+
+    second = sp.claim("b2", [("j3", "c.jpg", 0.0), ("j4", "d.jpg", 0.0)])
+    csv.append([Result("c.jpg", "j3", label="cat", confidence=0.7)])   # j3 committed, j4 not
+    out = sp.settle([second], csv)
+    assert (out.done, out.stuck, out.fault, out.waiting) == (1, 0, None, [])
+    assert [[(i.job_id, i.input_path) for i in b.items] for b in out.redo] == [[("j4", "d.jpg")]]
+    assert (tmp_path / "outbox/processed/c.jpg").read_bytes() == b"IMG-c.jpg"
+    assert _left(sp) == ["batch-b2.json", "j4"]            # j4 waits to be classified again
+    assert sorted(csv.job_ids()) == ["j1", "j2", "j3"]     # settle never writes a row
+
+    csv.append([Result("d.jpg", "j4", label="dog", confidence=0.6)])
+    full = OSError(_errno.ENOSPC, "No space left on device")
+
+    def no_space(self, *a, **k):
+        raise full
+    with monkeypatch.context() as m:
+        m.setattr(Spool, "finalize", no_space)
+        out = sp.settle(out.redo, csv)
+    assert out.fault is full and out.redo == [] and out.done == 0
+    assert [[i.job_id for i in b.items] for b in out.waiting] == [["j4"]]
+    assert _left(sp) == ["batch-b2.json", "j4"]            # the manifest stays with it
+    out = sp.settle(out.waiting, csv)                      # the fault is gone
+    assert out.done == 1 and _left(sp) == [] and sorted(csv.job_ids()) == ["j1", "j2", "j3",
+                                                                            "j4"]
+
+
 def test_orphan_in_processing_area_is_not_lost(tmp_path):
     sp = _spool(tmp_path)
     (sp.processing / "mystery").write_bytes(b"IMG-m")
@@ -531,11 +575,11 @@ def test_processing_area_is_never_input_even_if_ignore_lacks_dot_names(tmp_path)
     claimed.write_bytes(b"IMG-claimed")
     d = Daemon(settings, wcfg, once=True, classifier=FakeClassifier())
     for kind in (COMPLETE, SEEN):                                     # inotify: moved in
-        d.notices.put(Notice(kind, str(claimed)))
-        d.notices.put(Notice(kind, str(inbox / ".pawcam-processing" / ".lock")))
-    d._drain(0)
-    d._scan("")
-    assert d.tracker.candidates == {}
+        d.intake.notices.put(Notice(kind, str(claimed)))
+        d.intake.notices.put(Notice(kind, str(inbox / ".pawcam-processing" / ".lock")))
+    d.intake.drain(0)
+    d.intake.scan("")
+    assert d.intake.tracker.candidates == {}
 
 
 def _committed_then_crashed(tmp_path) -> Spool:

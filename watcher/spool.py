@@ -1,16 +1,24 @@
-"""The life of a dropped file on disk: claim, finalize, recover. See README.md, "Exactly once, across crashes".
+"""The exactly-once protocol, all of it: claim, commit, finalize, recover. See README.md,
+"Exactly once, across crashes"; the daemon (watcher.daemon) only calls these steps in order.
 
     inbox/cats/tom.jpg
-      -- claim (one fsync'ed manifest per batch, then an atomic rename) -->
+      -- claim (one fsync'ed manifest per batch, then an atomic rename) -->      Spool.claim
     inbox/.pawcam-processing/<job_id>          + inbox/.pawcam-processing/batch-<id>.json
-      -- classify; ResultsCsv.append (one write + fsync)  == the commit point -->
+      -- classify; pictures fsync'ed; ResultsCsv.append (one write + fsync)     Spool.commit
+         == the commit point -->
     outbox/processed/cats/tom.jpg  (or deleted)   |   outbox/failed/cats/tom.jpg + tom.jpg.error.txt
-      -- manifest deleted once every file of the batch is finalized
+      -- manifest deleted once every file of the batch is finalized              Spool.finish
 
-Start-up recovery looks at what a crash left in the processing area: a file whose job id is in
-the CSV is only finalized (moved per its recorded status); one whose id is not is classified
-again under the same job id (its pictures are simply rewritten); a manifest entry without a file
-was either finalized or never claimed (the file is still in the inbox and is found again).
+THE rule, decided in one place (:meth:`Spool.settle`, used at start-up and when resuming from
+a storage fault): a claimed file whose job id is in the CSV was committed, so it is only
+finalized (moved per its recorded status); one whose id is not is classified again under the
+same job id (its pictures are simply rewritten). :meth:`Spool.recover` rebuilds the batches a
+crash left from their manifests; a manifest entry without a file was either finalized or never
+claimed (the file is still in the inbox and is found again).
+
+Longer than the house's ~350 lines on purpose: the protocol is kept whole in one file (claim,
+unclaim, commit, finish, settle, recover and the lock), so that README's "Exactly once" section
+maps to it and a change to one step is made next to the others it must agree with.
 """
 from __future__ import annotations
 
@@ -20,11 +28,13 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Collection
+from typing import Callable
 
-from engine.durable import (SpecialFileRemoved, fsync_dir, is_temp, move_no_clobber,
-                            rename_noreplace, write_atomic)
+from engine.durable import (SpecialFileRemoved, complete_moves, fsync_dir, is_temp,
+                            move_no_clobber, rename_noreplace, write_atomic)
+from engine.results import Result, ResultsCsv
 from engine.text import printable, shown
+from watcher.health import transient
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +221,8 @@ class Spool:
                     raise
                 # e.g. processed/sub is a file from an earlier drop named "sub": flatten it
                 flat = item.input_path.replace("/", "__")
-                log.info("cannot place %s under %s (%s); using %s", shown(item.input_path), root,
+                log.info("cannot place %s under %s (%s); using %s", shown(item.input_path),
+                         root,
                          exc.strerror or exc, shown(flat))
                 dst = move_no_clobber(item.path, root, flat, suffixes, deferred)
         except SpecialFileRemoved:
@@ -228,17 +239,119 @@ class Spool:
             log.warning("cannot write the failure note for %s: %s", shown(item.input_path), exc)
         return str(dst)
 
+    # -- commit -------------------------------------------------------------------------------
+    def commit(self, csv: ResultsCsv, results: list[Result], outbox: Path) -> None:
+        """THE COMMIT of a classified batch: its pictures (under ``outbox``) made durable by an
+        fsync of their folders, then all its rows appended to ``csv`` in one write + fsync
+        (rolled back if it fails). Before it, a crash redoes the batch under the same job ids;
+        after it, the batch is only finalized. Raises OSError (nothing committed)."""
+        for folder in {(outbox / p).parent for r in results for p in r.pictures.values()}:
+            fsync_dir(folder)
+        csv.append(results)
+
+    def finish(self, batch: ClaimedBatch, results: list[Result]) -> "Outcome":
+        """After the commit: finalize every file of ``batch`` (``results`` in the same order;
+        the new names made durable with one fsync per folder), then drop the manifest.
+        ``Outcome.where``: where each file went, in the batch's order."""
+        deferred: list[tuple[Path, Path]] = []
+        out = Outcome()
+        self._move_out(batch, [(i, r.ok, r.error) for i, r in zip(batch.items, results)], out,
+                       deferred)
+        try:
+            complete_moves(deferred)
+        except OSError as exc:
+            batch.keep_manifest = True
+            log.error("cannot finish moving the batch's files: %s (done at the next start)", exc)
+        if not out.waiting and not batch.keep_manifest:
+            self.drop_manifest(batch)
+        return out
+
     # -- recovery -----------------------------------------------------------------------------
-    def recover(self, new_job_id: Callable[[], str],
-                recorded: Callable[[set[str]], Collection[str]] | None = None
-                ) -> list[ClaimedBatch]:
+    def settle(self, batches: list[ClaimedBatch], csv: ResultsCsv) -> "Outcome":
+        """Claimed batches whose fate is unknown (a crash, a rolled-back or half-finalized
+        batch): THE exactly-once rule. Files whose job id is in ``csv`` were committed and are
+        only finalized (per their recorded status); the others come back in ``Outcome.redo``,
+        to be classified again under the same job id."""
+        outcomes = csv.outcomes({item.job_id for b in batches for item in b.items})
+        out = Outcome()
+        for batch in batches:
+            committed = [(i, *outcomes[i.job_id]) for i in batch.items if i.job_id in outcomes]
+            first, waiting = len(out.where), len(out.waiting)
+            self._move_out(batch, [(i, status == "ok", error) for i, status, error in committed],
+                           out)
+            for (item, _, _), where in zip(committed, out.where[first:]):
+                if not where.startswith("("):     # (not vanished, waiting or stuck)
+                    log.info("recovered %s: already in the results; -> %s [%s]",
+                             shown(item.input_path), self.shown_place(where), item.job_id)
+            batch.items = [i for i in batch.items if i.job_id not in outcomes]
+            if batch.items:
+                for item in batch.items:   # (one summary line is logged by the caller)
+                    log.debug("retrying %s: classifying it again [%s]", shown(item.input_path),
+                              item.job_id)
+                out.redo.append(batch)
+            elif not batch.keep_manifest and len(out.waiting) == waiting:
+                self.drop_manifest(batch)
+        return out
+
+    def _move_out(self, batch: ClaimedBatch, committed: list[tuple[Item, bool, str]],
+                  out: "Outcome", deferred: list[tuple[Path, Path]] | None = None) -> None:
+        """Finalize ``(item, ok, error)`` of committed files of ``batch``. A storage fault
+        keeps the file aside (``Outcome.waiting``, ``fault``: settled again once the fault is
+        gone); any other failure keeps the manifest, so that the next start moves the file on
+        instead of classifying it again under a new job id (a second row). Recorded in
+        ``out``."""
+        waiting = []
+        for item, ok, error in committed:
+            try:
+                where = self.finalize(item, ok, error, deferred)
+                out.done += 1
+            except FileNotFoundError:
+                if os.path.lexists(item.path):
+                    raise
+                out.done += 1
+                where = "(vanished from the processing area: the inbox was removed?)"
+                log.warning("%s vanished from the processing area before it could be moved "
+                            "out (the inbox or its processing area was removed?); its row is "
+                            "in the results", shown(item.input_path))
+            except OSError as exc:
+                if transient(exc):
+                    out.fault = out.fault or exc
+                    waiting.append(item)
+                    where = "(waits in the processing area until the storage fault is gone)"
+                else:
+                    batch.keep_manifest = True
+                    out.stuck += 1
+                    where = (f"(left in processing area, {exc.strerror or exc}; moved at next "
+                             "start)")
+                    log.error("cannot move %s out of the processing area: %s (tried again at "
+                              "the next start)", shown(item.input_path), exc)
+            out.where.append(where)
+        if waiting:
+            out.waiting.append(ClaimedBatch(batch.batch_id, batch.manifest, waiting,
+                                            recovered=batch.recovered))
+
+    def shown_place(self, where: str) -> str:
+        """Where :meth:`finalize` put a file, for a log line: relative to the outbox."""
+        if not where.startswith("/"):
+            return where
+        try:
+            return printable(os.path.relpath(where, os.path.commonpath([self.processed,
+                                                                         self.failed])))
+        except ValueError:
+            return where
+
+    def recover(self, new_job_id: Callable[[], str], csv: ResultsCsv) -> "Outcome":
+        """Start-up: the batches a crash left in the processing area, settled (see
+        :meth:`settle`)."""
+        return self.settle(self.left_behind(new_job_id, csv), csv)
+
+    def left_behind(self, new_job_id: Callable[[], str], csv: ResultsCsv) -> list[ClaimedBatch]:
         """Batches a crash left in the processing area, rebuilt from their manifests.
 
         Temp files are removed; entries whose file is gone are dropped; claimed files that no
-        manifest mentions (should not happen) are named after their job id: one that
-        ``recorded(names)`` says is already in the results keeps it (so it is only moved on,
-        never given a second row); any other gets a fresh job id, ``recovered/<name>`` as its
-        path.
+        manifest mentions (should not happen) are named after their job id: one that ``csv``
+        already has keeps it (so :meth:`settle` only moves it on, never gives it a second row);
+        any other gets a fresh job id, ``recovered/<name>`` as its path.
         """
         batches: list[ClaimedBatch] = []
         known: set[str] = set()
@@ -270,7 +383,7 @@ class Spool:
                 data.add(entry)
         orphans = sorted(data - known)
         if orphans:
-            done = set(recorded(set(orphans))) if recorded is not None else set()
+            done = set(csv.outcomes(set(orphans)))
             batch_id = "orphans-" + new_job_id()
             entries = []
             for name in orphans:
@@ -294,3 +407,22 @@ class Spool:
                                         recovered=True))
         return batches
 
+
+@dataclass
+class Outcome:
+    """What :meth:`Spool.finish` or :meth:`Spool.settle` did with claimed files: ``where``
+    each committed file went (in order), ``done`` how many were finalized, ``stuck`` how many
+    could not be moved (the next start tries again), ``waiting`` the committed files a storage
+    ``fault`` kept in the processing area, ``redo`` (settle) the batches to classify again
+    under the same job ids."""
+
+    where: list[str] = field(default_factory=list)
+    done: int = 0
+    stuck: int = 0
+    waiting: list[ClaimedBatch] = field(default_factory=list)
+    redo: list[ClaimedBatch] = field(default_factory=list)
+    fault: OSError | None = None
+
+    @property
+    def redo_count(self) -> int:
+        return sum(len(b.items) for b in self.redo)
