@@ -142,6 +142,8 @@ class OrtRuntime:
         options.log_severity_level = 3
         if settings.inference.model_threads:
             options.intra_op_num_threads = settings.inference.model_threads
+        options.add_session_config_entry("session.intra_op.allow_spinning",
+                                         "1" if settings.inference.model_spin else "0")
         onnx_path = manifest.path_for(precision)
         try:
             session = ort.InferenceSession(str(onnx_path), options,
