@@ -254,6 +254,7 @@ def test_model_threads_and_spinning_reach_the_session(softmax_export, spin):
     options = rt.session.get_session_options()
     assert options.intra_op_num_threads == 2
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == str(int(spin))
+    assert options.get_session_config_entry("session.dynamic_block_base") == "4"
     probs, _ = rt.run(_images(2), maps=False)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0)
 
