@@ -64,6 +64,8 @@ class InferenceSettings:
     precision: str = "auto"
     #: threads ONNX Runtime runs one batch on; 0 = its default (one per physical core)
     model_threads: int = 0
+    #: let ONNX Runtime's threads busy-wait for the next operator instead of sleeping
+    model_spin: bool = False
 
     def validate(self, where: str) -> None:
         _check(1 <= self.batch_size <= 4096, where, "batch_size", "must be between 1 and 4096")

@@ -63,6 +63,11 @@ def cams_from_positive_maps(positive_maps: np.ndarray, predicted: np.ndarray) ->
     return np.divide(cams, peak, out=np.zeros_like(cams), where=peak > 0).astype(np.float32)
 
 
+#: ONNX Runtime hands out an operator's work in shrinking blocks (``session.dynamic_block_base``)
+#: instead of one equal share per thread, so a thread that the decode and picture threads (or
+#: another process) preempt holds the others up less: measured 4-5 % less CPU and 11-26 % more
+#: photos/s for a bulk run with pictures on the busy 2-core machine, in three interleaved runs.
+DYNAMIC_BLOCK_BASE = 4
 #: method -> the graph output that serves it
 METHOD_OUTPUTS = {"gradcam": "class_maps", "gradcampp": "positive_class_maps"}
 
@@ -142,6 +147,9 @@ class OrtRuntime:
         options.log_severity_level = 3
         if settings.inference.model_threads:
             options.intra_op_num_threads = settings.inference.model_threads
+        options.add_session_config_entry("session.intra_op.allow_spinning",
+                                         "1" if settings.inference.model_spin else "0")
+        options.add_session_config_entry("session.dynamic_block_base", str(DYNAMIC_BLOCK_BASE))
         onnx_path = manifest.path_for(precision)
         try:
             session = ort.InferenceSession(str(onnx_path), options,

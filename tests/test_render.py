@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.render import (attention_gray, draw_caption, encode_picture, heatmap, overlay,
-                           write_picture)
+from engine.render import (_COLORMAPS, attention_gray, colorize, draw_caption, encode_picture,
+                           heatmap, overlay, write_picture)
 from engine.text import MAX_STEM, safe_stem, safe_token
 from tests.helpers import photo_like
 
@@ -98,6 +98,19 @@ def test_heatmap_and_colormaps(cam):
     assert cold[2] > 100 and cold[0] < 50, cold
     assert hot[0] > 100 and hot[2] < 50, hot
     assert not np.array_equal(heatmap(cam, (35, 45), "viridis"), jet)
+
+
+@pytest.mark.parametrize("name", sorted(_COLORMAPS))
+def test_colorize_is_opencvs_colormap_in_rgb_order(name):
+    """The cached lookup table gives exactly what cv2.applyColorMap gives, for every level."""
+    import cv2
+
+    gray = np.concatenate([np.arange(256, dtype=np.uint8),
+                           np.random.default_rng(0).integers(0, 256, 44, dtype=np.uint8)])
+    gray = gray.reshape(20, 15)
+    expected = cv2.cvtColor(cv2.applyColorMap(gray, _COLORMAPS[name]), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(colorize(gray, name), expected)
+    np.testing.assert_array_equal(colorize(gray[:1, :7], name), expected[:1, :7])
 
 
 def test_overlay_blends_and_keeps_size(cam):

@@ -244,6 +244,21 @@ def test_int8_is_exported_checked_and_never_used_silently_when_failed(binary_exp
         np.testing.assert_allclose(probs.sum(axis=1), 1.0)
 
 
+@pytest.mark.parametrize("spin", [False, True])
+def test_model_threads_and_spinning_reach_the_session(softmax_export, spin):
+    """[inference] model_threads and model_spin are the session's settings (spinning is off by
+    default: it took the CPU the decode and picture threads need)."""
+    path, _ = softmax_export
+    assert load_settings(None).inference.model_spin is False
+    rt = open_runtime(_settings(path, runtime="onnxruntime", model_threads=2, model_spin=spin))
+    options = rt.session.get_session_options()
+    assert options.intra_op_num_threads == 2
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == str(int(spin))
+    assert options.get_session_config_entry("session.dynamic_block_base") == "4"
+    probs, _ = rt.run(_images(2), maps=False)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+
+
 def test_no_data_means_no_int8_and_a_recorded_reason(softmax_export):
     path, manifest = softmax_export
     assert "int8" not in manifest.files and not onnx_path_for(path, "int8").exists()
