@@ -29,7 +29,7 @@ import numpy as np
 
 from engine.classifier import Classifier, Job, decide, format_confidence
 from engine.config import Settings, load_settings, replace
-from engine.decode import DecodedImage, decode_image, resize_to
+from engine.decode import DecodedImage, decode_image, decode_limits, resize_to
 from engine.errors import ImageError
 from engine.pipeline import Pipeline
 from engine.render import pictures as render_pictures
@@ -160,9 +160,8 @@ class Pawcam:
         else:
             raise TypeError(f"cannot classify a {type(image).__name__}: pass a path, bytes, an "
                             "(H, W, 3) uint8 RGB array or a PIL image")
-        return decode_image(data, input_size=self.meta.input_size, max_pixels=d.max_image_pixels,
-                            preview_max_side=preview_side, reduced_jpeg=d.reduced_jpeg,
-                            reduced_jpeg_min_side=d.reduced_jpeg_min_side)
+        return decode_image(data, input_size=self.meta.input_size,
+                            preview_max_side=preview_side, **decode_limits(d))
 
 
 def _from_array(rgb: np.ndarray, input_size: tuple[int, int], preview_side: int | None

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from engine.config import DecodeSettings, InferenceSettings, Settings
-from engine.decode import DecodedImage, decode_image, read_file_bytes
+from engine.decode import DecodedImage, decode_image, decode_limits, read_file_bytes
 from engine.errors import ImageError, is_storage_fault
 from engine.modelio import LoadedModel
 from engine.render import PictureOptions, pictures, write_picture
@@ -119,10 +119,9 @@ class Classifier:
         d = self.decode_limits
         data = read_file_bytes(job.source, max_bytes=d.max_file_bytes,
                                follow_symlinks=job.follow_symlinks)
-        return decode_image(data, input_size=self.meta.input_size, max_pixels=d.max_image_pixels,
+        return decode_image(data, input_size=self.meta.input_size,
                             preview_max_side=self.pictures.max_side if self.outputs else None,
-                            reduced_jpeg=d.reduced_jpeg,
-                            reduced_jpeg_min_side=d.reduced_jpeg_min_side)
+                            **decode_limits(d))
 
     def try_decode(self, job: Job) -> DecodedImage | ImageError:
         try:

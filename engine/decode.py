@@ -21,6 +21,7 @@ import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -173,6 +174,16 @@ def _decode(data: bytes, sha256: str, input_size: tuple[int, int], max_pixels: i
         preview=_limit_side(rgb, preview_max_side) if preview_max_side else None,
         width=width, height=height, sha256=sha256,
     )
+
+
+def decode_limits(decode: Any) -> dict[str, Any]:
+    """The keyword arguments :func:`decode_image` takes from ``[decode]`` settings
+    (:class:`engine.config.DecodeSettings`): one spelling for every caller.
+
+        decode_image(data, input_size=(224, 224), **decode_limits(settings.decode))
+    """
+    return {"max_pixels": decode.max_image_pixels, "reduced_jpeg": decode.reduced_jpeg,
+            "reduced_jpeg_min_side": decode.reduced_jpeg_min_side}
 
 
 def load_model_input(path: str | Path, *, input_size: tuple[int, int], max_pixels: int,

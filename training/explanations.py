@@ -22,7 +22,7 @@ import numpy as np
 
 from engine import faithfulness as F
 from engine.config import Settings, replace
-from engine.decode import load_model_input
+from engine.decode import decode_limits, load_model_input
 from engine.errors import ImageError
 from engine.runtime import Runtime, open_runtime
 from training.dataset import scan_split
@@ -50,10 +50,7 @@ def load_photos(paths: Sequence[Path], settings: Settings, input_size: tuple[int
     for path in paths:
         try:
             images.append(load_model_input(path, input_size=input_size,
-                                           max_pixels=d.max_image_pixels,
-                                           max_bytes=d.max_file_bytes,
-                                           reduced_jpeg=d.reduced_jpeg,
-                                           reduced_jpeg_min_side=d.reduced_jpeg_min_side))
+                                           max_bytes=d.max_file_bytes, **decode_limits(d)))
             kept.append(path)
         except ImageError as exc:
             log.warning("faithfulness: skipping %s: %s", path, exc)

@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from engine.config import Settings
-from engine.decode import load_model_input
+from engine.decode import decode_limits, load_model_input
 from engine.errors import ConfigError, ImageError
 from engine.modelio import ModelMeta
 from training.dataset import scan_sources, stratified_split
@@ -49,10 +49,8 @@ def decode_batches(paths: Sequence[Path], settings: Settings, meta: ModelMeta,
         for i in range(start, min(len(paths), start + batch)):
             try:
                 images.append(load_model_input(paths[i], input_size=meta.input_size,
-                                               max_pixels=d.max_image_pixels,
                                                max_bytes=d.max_file_bytes,
-                                               reduced_jpeg=d.reduced_jpeg,
-                                               reduced_jpeg_min_side=d.reduced_jpeg_min_side))
+                                               **decode_limits(d)))
                 kept.append(i)
             except ImageError as exc:
                 log.warning("export: skipping %s: %s", paths[i], exc)

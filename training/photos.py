@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from engine.config import DecodeSettings
-from engine.decode import load_model_input
+from engine.decode import decode_limits, load_model_input
 from engine.errors import ConfigError, ImageError
 from training import cache
 from training.dataset import Skipped, TrainingData, stratified_split
@@ -86,11 +86,8 @@ def decode_to_cache(files: Sequence[Path], stamps: Sequence[tuple[int, int]], fo
     def one(i: int) -> np.ndarray | Skipped:
         try:
             return load_model_input(files[i], input_size=input_size,
-                                    max_pixels=decode.max_image_pixels,
-                                    max_bytes=decode.max_file_bytes,
-                                    reduced_jpeg=decode.reduced_jpeg,
-                                    reduced_jpeg_min_side=decode.reduced_jpeg_min_side,
-                                    follow_symlinks=True)
+                                    max_bytes=decode.max_file_bytes, follow_symlinks=True,
+                                    **decode_limits(decode))
         except ImageError as exc:
             return Skipped(names[i], exc.code, str(exc))
         except Exception as exc:  # a decoder bug on a hostile file must not end training
