@@ -116,6 +116,7 @@ def write_report(model_path: Path, meta: ModelMeta, evaluation: Any) -> Path:
         entry["overlay"] = f
     data["model"] = {"file": model_path.name, "version": meta.version,
                      "class_names": list(meta.class_names), "temperature": meta.temperature}
+    data["plots"] = plots   # the card can be redrawn from evaluation.json alone
     squashed = _previous(folder).get("squashed")
     if squashed and squashed.get("version") == meta.version:
         data["squashed"] = squashed   # benchmarks/squashed_check.py --card, same model
@@ -147,7 +148,8 @@ def add_squashed_check(model_path: Path, meta: ModelMeta, squashed: dict[str, An
                          "`pawcam evaluate` first")
     data["squashed"] = {**squashed, "version": meta.version}
     write_atomic(folder / "evaluation.json", (json.dumps(data, indent=2) + "\n").encode("utf-8"))
-    plots = {t: f for t, f in PLOTS.items() if (folder / f).exists()}
+    plots = data.get("plots") or {  # reports written before the list was recorded
+        t: f for t, f in PLOTS.items() if (folder / f).exists()}
     card = card_path_for(model_path)
     write_atomic(card, render_card(model_path, meta, data, plots).encode("utf-8"))
     return card
